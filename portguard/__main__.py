@@ -1,0 +1,3 @@
+from portguard.cli import main
+
+raise SystemExit(main())

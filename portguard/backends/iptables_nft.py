@@ -1,0 +1,128 @@
+"""The iptables-nft backend: the xtables tables Docker writes on modern hosts.
+
+Reads only nat POSTROUTING and portguard's chain (``iptables-nft -S CHAIN``: the nft cache is
+filled for that chain alone, so the cost does not grow with the rest of the table), and
+writes in one ``iptables-nft-restore --noflush`` batch, which is a single nf_tables
+transaction.  The same class drives legacy binaries for tests of the text path.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Sequence
+
+from portguard.backends import xtables
+from portguard.backends.base import Observation
+from portguard.errors import FatalError, RetryableError
+from portguard.rules import Family, Rule
+
+__all__ = ["IptablesNftBackend"]
+
+_TIMEOUT = 30.0
+# iptables' exit status 4 is RESOURCE_PROBLEM: the xtables lock or the kernel was busy.
+_EXIT_RESOURCE = 4
+
+
+class IptablesNftBackend:
+    name = "iptables-nft"
+
+    def __init__(self, flavour: str = "nft") -> None:
+        self._flavour = flavour
+        self.name = f"iptables-{flavour}"
+
+    def _tool(self, family: Family, suffix: str = "") -> str:
+        base = "iptables" if family is Family.IPV4 else "ip6tables"
+        return f"{base}-{self._flavour}{suffix}"
+
+    def probe(self) -> None:
+        missing = [t for t in (self._tool(Family.IPV4), self._tool(Family.IPV4, "-restore")) if not shutil.which(t)]
+        if missing:
+            raise FatalError(f"backend {self.name}: {', '.join(missing)} not found; install the 'iptables' package")
+
+    def _run(self, argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        try:
+            return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=_TIMEOUT, check=False)
+        except FileNotFoundError:
+            raise FatalError(f"backend {self.name}: {argv[0]} not found; install the 'iptables' package") from None
+        except subprocess.TimeoutExpired:
+            raise RetryableError(f"{argv[0]} did not finish within {_TIMEOUT:.0f}s") from None
+
+    def _list(self, family: Family, chain: str) -> list[xtables.XRule] | None:
+        """Rules of one nat chain; None when the chain does not exist."""
+        proc = self._run([self._tool(family), "-w", "5", "-t", "nat", "-S", chain])
+        if proc.returncode == _EXIT_RESOURCE:
+            raise RetryableError(f"{self._tool(family)}: {_first_line(proc.stderr)}")
+        if proc.returncode != 0:
+            if chain != xtables.POSTROUTING:
+                # 1.8.9 says "incompatible" (older: "No chain/target/match") for a missing chain
+                return None
+            raise FatalError(f"{self._tool(family)} -t nat -S {chain}: {_first_line(proc.stderr)}")
+        return [r for r in map(xtables.parse_rule, proc.stdout.splitlines()) if r is not None]
+
+    def _assess(self, family: Family, rules: Sequence[Rule]) -> tuple[Observation, xtables.Plan]:
+        postrouting = self._list(family, xtables.POSTROUTING) or []
+        chain = self._list(family, xtables.CHAIN)
+        return xtables.assess(self.name, rules, postrouting, chain)
+
+    def render(self, rules: Sequence[Rule]) -> str:
+        out = []
+        for family, frules in xtables.by_family(rules).items():
+            out.append(f"# {self._tool(family, '-restore')} --noflush")
+            out.append(xtables.render_restore(frules, xtables.full_plan()))
+        return "".join(line if line.endswith("\n") else line + "\n" for line in out)
+
+    def observe(self, rules: Sequence[Rule]) -> Observation:
+        parts = [self._assess(f, fr)[0] for f, fr in xtables.by_family(rules).items()]
+        stale = [self._stale_family(f) for f in Family if f not in {r.family for r in rules}]
+        return xtables.merge(self.name, parts + [o for o in stale if o is not None])
+
+    def _stale_family(self, family: Family) -> Observation | None:
+        """A family no longer configured: everything portguard owns there is stale."""
+        try:
+            obs, plan = self._assess(family, [])
+        except FatalError:
+            return None  # e.g. IPv6 disabled in this kernel: nothing of ours can be there
+        return obs if obs.stale or plan.delete_postrouting else None
+
+    def ensure(self, rules: Sequence[Rule]) -> None:
+        grouped = xtables.by_family(rules)
+        for family in Family:
+            if family not in grouped:
+                self._remove_family(family)
+                continue
+            _, plan = self._assess(family, grouped[family])
+            if not plan.empty:
+                self._restore(family, xtables.render_restore(grouped[family], plan))
+
+    def _restore(self, family: Family, batch: str) -> None:
+        tool = self._tool(family, "-restore")
+        proc = self._run([tool, "--noflush", "--wait"], stdin=batch)
+        if proc.returncode == 0:
+            return
+        err = _first_line(proc.stderr)
+        if proc.returncode == _EXIT_RESOURCE or "does a matching rule exist" in err or "does not exist" in err:
+            # Lock busy, or the table changed between our read and our write: the batch was
+            # rejected whole, nothing changed; read again and retry.
+            raise RetryableError(f"{tool}: {err}")
+        raise FatalError(f"{tool}: {err}")
+
+    def _remove_family(self, family: Family) -> int:
+        postrouting = self._list(family, xtables.POSTROUTING) or []
+        owned = [x.spec for x in postrouting if x.owned]
+        chain = self._list(family, xtables.CHAIN)
+        if not owned and chain is None:
+            return 0
+        lines = ["*nat"] + [f"-D {xtables.POSTROUTING} {spec}" for spec in owned]
+        if chain is not None:
+            lines += [f"-F {xtables.CHAIN}", f"-X {xtables.CHAIN}"]
+        self._restore(family, "\n".join([*lines, "COMMIT", ""]))
+        return len(owned) + (1 if chain is not None else 0)
+
+    def remove(self) -> int:
+        return sum(self._remove_family(f) for f in Family)
+
+
+def _first_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    return lines[0] if lines else "failed without a message"

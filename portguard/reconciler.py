@@ -1,0 +1,106 @@
+"""One level-triggered sync: observe, repair with one atomic write, observe again, report.
+
+Every trigger (CLI ``apply``, a Docker event, a kernel notification, the timer) runs this same
+full sync; it is idempotent and logs only real changes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from portguard.backends import Backend, Observation, State
+from portguard.errors import RetryableError
+from portguard.logs import Logger
+from portguard.rules import Rule
+
+__all__ = ["Reconciler", "SyncReport"]
+
+_WRITE_ATTEMPTS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class SyncReport:
+    before: Observation
+    after: Observation
+    changed: bool
+    took_ms: float
+
+    @property
+    def repaired(self) -> tuple[tuple[str, State], ...]:
+        """(rule name, state it was in) for every rule this sync brought back to healthy."""
+        now = {s.rule: s.state for s in self.after.statuses}
+        return tuple(
+            (s.rule.name, s.state)
+            for s in self.before.statuses
+            if s.state is not State.HEALTHY and now.get(s.rule) is State.HEALTHY
+        )
+
+
+class Reconciler:
+    def __init__(
+        self,
+        backend: Backend,
+        rules: Sequence[Rule],
+        log: Logger,
+        *,
+        conflicts: Sequence[str] = (),
+        clock: Callable[[], float] = time.perf_counter,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.backend = backend
+        self.rules = tuple(rules)
+        self.conflicts = tuple(conflicts)
+        self._log = log
+        self._clock = clock
+        self._sleep = sleep
+
+    def observe(self) -> Observation:
+        return self.backend.observe(self.rules).with_conflicts(self.conflicts)
+
+    def sync(self) -> SyncReport:
+        start = self._clock()
+        before = self.observe()
+        if not before.needs_write:
+            return SyncReport(before, before, False, (self._clock() - start) * 1000)
+        for attempt in range(_WRITE_ATTEMPTS):
+            try:
+                self.backend.ensure(self.rules)
+                break
+            except RetryableError as exc:
+                if attempt + 1 == _WRITE_ATTEMPTS:
+                    raise
+                self._log.debug("sync.retry", error=str(exc), attempt=attempt + 1)
+                self._sleep(0.05 * 2**attempt)
+        after = self.observe()
+        report = SyncReport(before, after, True, (self._clock() - start) * 1000)
+        self._report(report)
+        return report
+
+    def _report(self, report: SyncReport) -> None:
+        took = round(report.took_ms, 1)
+        backend = self.backend.name
+        by_reason: dict[State, list[str]] = {}
+        for name, reason in report.repaired:
+            by_reason.setdefault(reason, []).append(name)
+        for reason, names in by_reason.items():
+            self._log.warning("rule.repaired", reason=reason.value, backend=backend, took_ms=took, rules=names)
+        for obj in report.before.stale:
+            if obj not in report.after.stale:
+                self._log.info("rule.stale_removed", object=obj, backend=backend, took_ms=took)
+        broken = [s for s in report.after.statuses if s.state is not State.HEALTHY]
+        if broken or report.after.stale:
+            self._log.error(
+                "rule.unrepaired",
+                backend=backend,
+                rules={s.rule.name: s.state.value for s in broken},
+                detail=next((s.detail for s in broken), ""),
+                stale=list(report.after.stale),
+            )
+
+    def remove(self) -> int:
+        removed = self.backend.remove()
+        if removed:
+            self._log.info("rule.removed", objects=removed, backend=self.backend.name)
+        return removed

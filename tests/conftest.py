@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from netns import Netns
+
+
+@pytest.fixture
+def ns() -> Iterator[Netns]:
+    """A fresh network namespace, removed afterwards with everything started in it."""
+    space = Netns()
+    try:
+        yield space
+    finally:
+        space.close()

@@ -1,0 +1,130 @@
+"""Backend-specific faults and views, so each test reads as the behaviour it checks."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from netns import Netns
+
+BACKENDS = ["nftables", "iptables-nft", "iptables-legacy"]
+IPTABLES_BACKENDS = ["iptables-nft", "iptables-legacy"]
+JUMP = re.compile(r"-j PORTGUARD\b")
+
+
+def xt(backend: str) -> str:
+    """The iptables binary of the flavour a backend writes (iptables-nft for nftables' neighbours)."""
+    return "iptables-legacy" if backend == "iptables-legacy" else "iptables-nft"
+
+
+def check(ns: Netns, backend: str, *extra: str) -> tuple[int, dict[str, object]]:
+    proc = ns.portguard("check", "--json", "--backend", backend, *extra)
+    assert proc.returncode in (0, 1), proc.stderr
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def states(report: dict[str, object]) -> set[str]:
+    return {r["state"] for r in report["rules"]}  # type: ignore[index, union-attr]
+
+
+def apply(ns: Netns, backend: str, *extra: str) -> None:
+    proc = ns.portguard("apply", "--backend", backend, *extra)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def owned_lines(ns: Netns, backend: str) -> list[str]:
+    """Every object portguard owns, as text: nft rules of its table, or marked/PORTGUARD lines."""
+    if backend == "nftables":
+        out = ns.nft("-j", "list", "table", "inet", "portguard", check=False)
+        if not out.strip():
+            return []
+        doc = json.loads(out)["nftables"]
+        return [o["rule"].get("comment", "") for o in doc if "rule" in o]
+    return [ln for ln in ns.rules(f"{xt(backend)}-save") if "portguard" in ln or "PORTGUARD" in ln]
+
+
+def postrouting(ns: Netns, tool: str) -> list[str]:
+    return [ln for ln in ns.rules(f"{tool}-save") if ln.startswith("-A POSTROUTING")]
+
+
+def delete_rule(ns: Netns, backend: str) -> None:
+    """Delete portguard's MASQUERADE rule by hand, as an operator or a script would."""
+    if backend == "nftables":
+        listing = ns.nft("-a", "list", "chain", "inet", "portguard", "postrouting")
+        handle = re.search(r"masquerade.*# handle (\d+)", listing)
+        assert handle, listing
+        ns.nft("delete", "rule", "inet", "portguard", "postrouting", "handle", handle.group(1))
+    else:
+        ns.run([xt(backend), "-t", "nat", "-D", "PORTGUARD", "4"])
+
+
+DOCKER_RULE = ["-t", "nat", "-I", "POSTROUTING", "-s", "172.18.0.0/16", "!", "-o", "br-x", "-j", "MASQUERADE"]
+
+
+def bystander_setup(ns: Netns) -> None:
+    """Foreign rules in nat and filter, above, below and in other chains, in every flavour."""
+    for tool in ("iptables-nft", "iptables-legacy"):
+        ns.run([tool, "-t", "nat", "-A", "POSTROUTING", "-s", "10.9.0.0/16", "-o", "eth9", "-j", "MASQUERADE"])
+        ns.run([tool, "-t", "nat", "-N", "BYSTANDER"])
+        ns.run([tool, "-t", "nat", "-A", "BYSTANDER", "-p", "udp", "--dport", "53", "-j", "RETURN"])
+        ns.run(
+            [
+                tool,
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-p",
+                "tcp",
+                "--dport",
+                "8080",
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                "80",
+            ]
+        )
+        ns.run([tool, "-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "22", "-j", "ACCEPT"])
+        ns.run([tool, "-t", "filter", "-A", "FORWARD", "-s", "10.9.0.0/16", "-j", "DROP"])
+        # identical to portguard's own MASQUERADE, but without the mark: never portguard's to touch
+        ns.run(
+            [
+                tool,
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-p",
+                "tcp",
+                "-m",
+                "tcp",
+                "--sport",
+                "32768:61000",
+                "-j",
+                "MASQUERADE",
+                "--to-ports",
+                "49152-61000",
+            ]
+        )
+    ns.run(
+        [
+            "nft",
+            "add table ip bystander; add chain ip bystander out { type filter hook output priority 0; }; "
+            "add rule ip bystander out tcp dport 9999 counter",
+        ]
+    )
+
+
+def bystander_snapshot(ns: Netns) -> str:
+    """All foreign rules, counters and portguard's own objects left out."""
+    parts = []
+    for tool in ("iptables-nft-save", "iptables-legacy-save"):
+        for table in ("nat", "filter"):
+            lines = [
+                re.sub(r"\[\d+:\d+\]", "", ln)
+                for ln in ns.save(tool, table).splitlines()
+                if not ln.startswith("#") and "portguard" not in ln and "PORTGUARD" not in ln
+            ]
+            parts.append(f"{tool} {table}\n" + "\n".join(lines))
+    parts.append(re.sub(r"packets \d+ bytes \d+", "", ns.nft("list", "table", "ip", "bystander")))
+    return "\n".join(parts)

@@ -1,0 +1,65 @@
+"""The systemd unit: valid, hardened to exposure <= 2.0, and installable into a scratch root."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from portguard.install import install_systemd
+
+REPO = Path(__file__).resolve().parents[2]
+UNIT = REPO / "systemd" / "portguard.service"
+
+
+def test_install_systemd_writes_unit_and_example_config(tmp_path: Path) -> None:
+    """install-systemd puts the unit (ExecStart = the given program) and the config under the root."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "portguard", "install-systemd", "--root", str(tmp_path), "--exec", sys.executable],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    unit = (tmp_path / "etc/systemd/system/portguard.service").read_text()
+    assert f"ExecStart={sys.executable} run" in unit
+    config = tmp_path / "etc/portguard/portguard.toml"
+    assert config.read_text() == (REPO / "systemd" / "portguard.toml").read_text()
+    config.write_text('to_ports = "50000-60000"\n')
+    install_systemd(tmp_path, sys.executable)
+    assert config.read_text() == 'to_ports = "50000-60000"\n'  # an operator's config is never overwritten
+
+
+def test_installed_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    """`systemd-analyze verify` accepts the installed unit (its ExecStart exists)."""
+    install_systemd(tmp_path, sys.executable)
+    unit = tmp_path / "etc/systemd/system/portguard.service"
+    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_unit_exposure_is_at_most_2() -> None:
+    """`systemd-analyze security --offline=true` rates the unit 2.0 or better."""
+    proc = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", str(UNIT)], capture_output=True, text=True, check=False
+    )
+    level = re.search(r"Overall exposure level for portguard.service: (\d+\.\d+)", proc.stdout)
+    assert level, proc.stdout + proc.stderr
+    assert float(level.group(1)) <= 2.0, proc.stdout
+
+
+def test_unit_orders_after_docker_without_binding_to_it() -> None:
+    """Type=notify with a watchdog, restarted always, after docker/firewalld, never PartOf/BindsTo docker."""
+    text = UNIT.read_text()
+    for line in (
+        "Type=notify",
+        "Restart=always",
+        "After=docker.service firewalld.service network-online.target",
+        "Wants=network-online.target",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+    ):
+        assert line in text, line
+    assert re.search(r"^WatchdogSec=\d+", text, re.M)
+    assert not re.search(r"^(PartOf|BindsTo|Requires)=.*docker", text, re.M)

@@ -1,0 +1,104 @@
+"""Throwaway network namespaces for tests: everything netfilter happens in one of these."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["Netns", "require_root"]
+
+_counter = itertools.count()
+REPO = Path(__file__).resolve().parent.parent
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise RuntimeError("integration tests need root (network namespaces); run the README's test command")
+
+
+class Netns:
+    """A named network namespace with loopback up; processes started in it are ended by PID."""
+
+    def __init__(self, prefix: str = "pgt") -> None:
+        require_root()
+        self.name = f"{prefix}-{os.getpid()}-{next(_counter)}"
+        subprocess.run(["ip", "netns", "add", self.name], check=True)
+        self.path = f"/var/run/netns/{self.name}"
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.run(["ip", "link", "set", "lo", "up"])
+
+    def argv(self, cmd: Sequence[str], *, nsenter: bool = False) -> list[str]:
+        # nsenter keeps the host's /sys (dockerd needs its cgroup mounts); ip netns exec remounts it.
+        if nsenter:
+            return ["nsenter", f"--net={self.path}", *cmd]
+        return ["ip", "netns", "exec", self.name, *cmd]
+
+    def run(
+        self,
+        cmd: Sequence[str],
+        *,
+        check: bool = True,
+        input: str | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float = 60,
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            self.argv(cmd), input=input, capture_output=True, text=True, env=env, timeout=timeout, check=False
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.strip()}")
+        return proc
+
+    def sh(self, script: str, *, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.run(["sh", "-ec", script], check=check)
+
+    def portguard(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("PORTGUARD_")}
+        full_env.update(env or {})
+        return self.run([sys.executable, "-m", "portguard", *args], check=False, env=full_env, timeout=timeout)
+
+    def popen(self, cmd: Sequence[str], *, nsenter: bool = False, **kw: object) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(self.argv(cmd, nsenter=nsenter), **kw)  # type: ignore[call-overload]
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=10)
+        subprocess.run(["ip", "netns", "del", self.name], check=False)
+
+    # ---- views of the tables, for assertions ----
+
+    def save(self, tool: str, table: str = "nat") -> str:
+        return self.run([tool, "-t", table]).stdout
+
+    def rules(self, tool: str, table: str = "nat") -> list[str]:
+        """``-A`` lines of a save, counters stripped."""
+        return [re.sub(r"^\[\d+:\d+\] ", "", ln) for ln in self.save(tool, table).splitlines() if ln.startswith("-A")]
+
+    def nft(self, *args: str, check: bool = True) -> str:
+        return self.run(["nft", *args], check=check).stdout
+
+
+def wait_for(predicate: object, timeout: float = 10.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(interval)
+    return False

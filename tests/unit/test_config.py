@@ -1,0 +1,111 @@
+"""Config: defaults, layering, and one clear line for every invalid value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from portguard.config import Config, desired_rules, load_config, narrow_target_warning
+from portguard.errors import ConfigError
+from portguard.rules import Action, Family, PortRange, Protocol
+
+
+def _load(tmp_path: Path, text: str | None = None, env: dict[str, str] | None = None, **flags: str) -> Config:
+    path = None
+    if text is not None:
+        path = tmp_path / "pg.toml"
+        path.write_text(text)
+    return load_config(path, env=env or {}, overrides=flags)
+
+
+def test_defaults_are_the_seed_rule(tmp_path: Path) -> None:
+    """With no configuration, TCP 32768-61000 is masqueraded to 49152-61000, bridges and lo excluded."""
+    cfg = _load(tmp_path)
+    assert cfg.source_ports == PortRange(32768, 61000) and cfg.to_ports == PortRange(49152, 61000)
+    rules = desired_rules(cfg)
+    assert [r.action for r in rules] == [Action.RETURN] * 3 + [Action.MASQUERADE]
+    assert [r.out_interface for r in rules[:3]] == ["lo", "docker0", "br-+"]
+    assert rules[3].protocol is Protocol.TCP and rules[3].family is Family.IPV4
+
+
+def test_file_then_env_then_flags(tmp_path: Path) -> None:
+    """Environment overrides the file and flags override both."""
+    cfg = _load(
+        tmp_path,
+        'backend = "iptables-nft"\nto_ports = "50000-60000"\n',
+        env={"PORTGUARD_BACKEND": "iptables-legacy", "PORTGUARD_PROTOCOLS": "tcp,udp"},
+        backend="nftables",
+    )
+    assert cfg.backend == "nftables"
+    assert cfg.to_ports == PortRange(50000, 60000)
+    assert cfg.protocols == (Protocol.TCP, Protocol.UDP)
+
+
+def test_sections_and_lists(tmp_path: Path) -> None:
+    """Egress scope, families and daemon settings come from their sections; rules multiply per family."""
+    cfg = _load(
+        tmp_path,
+        'families = ["ipv4", "ipv6"]\n[egress]\ninterfaces = ["eth0", "ens+"]\n'
+        "exclude_interfaces = []\n[daemon]\nreconcile_interval = 5\nconntrack_heal = false\n",
+    )
+    assert cfg.daemon_reconcile_interval == 5.0 and cfg.daemon_conntrack_heal is False
+    rules = desired_rules(cfg)
+    assert {(r.family, r.out_interface) for r in rules} == {
+        (f, i) for f in (Family.IPV4, Family.IPV6) for i in ("eth0", "ens+")
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('source_ports = "0-100"', "source_ports: port 0 is outside 1-65535"),
+        ('to_ports = "49152-70000"', "to_ports: port 70000 is outside 1-65535"),
+        ('to_ports = "61000-49152"', "to_ports: low port 61000 is above high port 49152"),
+        ('to_ports = "lots"', "to_ports: expected a port range"),
+        ('protocols = ["sctp"]', "protocols: 'sctp' is not one of tcp, udp"),
+        ("protocols = []", "protocols: must name at least one"),
+        ('families = ["ipx"]', "families: 'ipx' is not one of ipv4, ipv6"),
+        ('[egress]\nexclude_interfaces = ["averyveryverylongname"]', "longer than 15 bytes"),
+        ('[egress]\ninterfaces = ["eth/0"]', "contains '/', ':' or whitespace"),
+        ('[egress]\ninterfaces = ["eth 0"]', "contains '/', ':' or whitespace"),
+        ('[egress]\ninterfaces = ["e+th"]', "only a trailing '+'"),
+        ('[egress]\ninterfaces = [""]', "interface name is empty"),
+        ("colour = 1", "colour: unknown key"),
+        ("[daemon]\nnap = 1", "daemon.nap: unknown key"),
+        ("[daemon]\nreconcile_interval = -1", "daemon.reconcile_interval: expected a positive number"),
+        ('backend = "pf"', "backend: 'pf' is not one of"),
+        ('[metrics]\nlisten = "nowhere"', "metrics.listen: expected HOST:PORT"),
+        ("to_ports = [", "invalid TOML"),
+    ],
+)
+def test_every_bad_value_is_one_line_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
+    """Each invalid value raises ConfigError with a single line that names the key and the problem."""
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, text + "\n")
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_environment_variable_is_an_error(tmp_path: Path) -> None:
+    """A misspelt PORTGUARD_* variable is reported, not silently ignored."""
+    with pytest.raises(ConfigError, match="PORTGUARD_TO_PORT: unknown environment variable"):
+        _load(tmp_path, env={"PORTGUARD_TO_PORT": "1-2"})
+
+
+def test_trailing_plus_wildcard_is_allowed(tmp_path: Path) -> None:
+    """'br-+' is the wildcard for every Docker bridge."""
+    assert _load(tmp_path, '[egress]\nexclude_interfaces = ["br-+", "veth+"]\n').egress_exclude_interfaces == (
+        "br-+",
+        "veth+",
+    )
+
+
+def test_narrow_target_range_gives_the_ratio(tmp_path: Path) -> None:
+    """A target range narrower than the matched range is allowed, with the ratio for the warning."""
+    assert narrow_target_warning(_load(tmp_path, 'source_ports = "1000-1999"\nto_ports = "50000-50499"\n')) == {
+        "source_ports": "1000-1999",
+        "to_ports": "50000-50499",
+        "ratio": 2.0,
+    }
+    assert narrow_target_warning(_load(tmp_path, 'source_ports = "50000-50099"\n')) is None

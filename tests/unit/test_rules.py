@@ -1,0 +1,46 @@
+"""The rule model's identity: the mark hashes the spec and nothing else."""
+
+from __future__ import annotations
+
+from portguard.backends.nftables import render_table
+from portguard.backends.xtables import full_plan, render_restore, rule_spec
+from portguard.rules import Action, Family, PortRange, Protocol, Rule
+
+MASQ = Rule(Family.IPV4, Action.MASQUERADE, None, Protocol.TCP, PortRange(32768, 61000), PortRange(49152, 61000))
+EXCL = Rule(Family.IPV4, Action.RETURN, out_interface="br-+")
+
+
+def test_mark_is_stable_and_changes_with_the_spec() -> None:
+    """Equal specs share a mark; a different target range gives a different one."""
+    twin = Rule(Family.IPV4, Action.MASQUERADE, None, Protocol.TCP, PortRange(32768, 61000), PortRange(49152, 61000))
+    other = Rule(Family.IPV4, Action.MASQUERADE, None, Protocol.TCP, PortRange(32768, 61000), PortRange(50000, 61000))
+    assert MASQ.mark == twin.mark == "portguard:9782bbb8"
+    assert MASQ.mark != other.mark
+    assert len({MASQ.mark, EXCL.mark, Rule(Family.IPV6, Action.RETURN, out_interface="br-+").mark}) == 3
+
+
+def test_iptables_rendering_matches_iptables_s_output() -> None:
+    """Rules render exactly as `iptables -S` prints them."""
+    assert rule_spec(MASQ) == (
+        '-p tcp -m tcp --sport 32768:61000 -m comment --comment "portguard:9782bbb8" '
+        "-j MASQUERADE --to-ports 49152-61000"
+    )
+    assert rule_spec(EXCL) == f'-o br-+ -m comment --comment "{EXCL.mark}" -j RETURN'
+
+
+def test_restore_batch_creates_chain_before_jumping_to_it() -> None:
+    """The full batch declares the chain, fills it, then inserts the jump at position 1."""
+    batch = render_restore([EXCL, MASQ], full_plan()).splitlines()
+    assert batch[0] == "*nat" and batch[1] == ":PORTGUARD - [0:0]" and batch[-1] == "COMMIT"
+    assert batch[-2].startswith("-I POSTROUTING 1 ") and batch[-2].endswith("-j PORTGUARD")
+
+
+def test_nft_rendering_uses_star_wildcard_and_srcnat_minus_10() -> None:
+    """The nft table hooks at srcnat - 10 and spells the interface wildcard with '*'."""
+    text = render_table([EXCL, MASQ])
+    assert "type nat hook postrouting priority srcnat - 10; policy accept;" in text
+    assert f'meta nfproto ipv4 oifname "br-*" return comment "{EXCL.mark}"' in text
+    assert (
+        "meta nfproto ipv4 meta l4proto tcp th sport 32768-61000 counter masquerade to :49152-61000 "
+        f'comment "{MASQ.mark}"'
+    ) in text

@@ -119,7 +119,7 @@ def _dispatch(args: argparse.Namespace, cfg: Config, log: Logger) -> int:  # noq
     if args.command == "run":
         from portguard.daemon import run_daemon
 
-        return run_daemon(cfg, log, cleanup_on_exit=args.cleanup_on_exit)
+        return run_daemon(cfg, log, cleanup_on_exit=args.cleanup_on_exit, reload_config=lambda: _config(args))
 
     from portguard.detect import select_backend
     from portguard.reconciler import Reconciler

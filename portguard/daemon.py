@@ -1,11 +1,263 @@
-"""``portguard run``: placeholder until the daemon lands."""
+"""``portguard run``: the event loop that keeps every configured rule healthy all day.
+
+Threads, each only *requesting* a sync from the one runner:
+  * the runner: coalesced, rate-limited full syncs with a jittered periodic backstop;
+  * the Docker watcher: network and daemon events, reconnect after the stream ends;
+  * the kernel watcher: nf_tables change notifications, or a cheap legacy fingerprint poll.
+The main thread waits for signals: SIGTERM/SIGINT stop (rules stay unless --cleanup-on-exit),
+SIGHUP reloads the config (an invalid one is logged and the old one stays in force).
+"""
 
 from __future__ import annotations
 
-from portguard.config import Config
-from portguard.errors import FatalError
+import collections
+import contextlib
+import errno
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from portguard import __version__
+from portguard.config import Config, desired_rules
+from portguard.conntrack import heal
+from portguard.detect import select_backend
+from portguard.errors import ConfigError, FatalError, PortguardError, RetryableError
 from portguard.logs import Logger
+from portguard.reconciler import Reconciler
+from portguard.runner import Schedule, SyncRunner
+from portguard.sdnotify import Notifier
+from portguard.watch.docker import DockerWatcher
+from portguard.watch.kernel import LegacyFingerprint, NftablesNotifications
+
+__all__ = ["Daemon", "run_daemon"]
+
+_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+_STORM_MIN_INTERVAL = 1.0
 
 
-def run_daemon(cfg: Config, log: Logger, *, cleanup_on_exit: bool = False) -> int:
-    raise FatalError("portguard run is not implemented yet")
+def instance_lock() -> socket.socket:
+    """Abstract unix sockets live in the network namespace: one bound name = one daemon per namespace."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind("\0portguard.run")
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise FatalError("another 'portguard run' is already active in this network namespace") from None
+        raise
+    return sock
+
+
+class Daemon:
+    def __init__(
+        self,
+        cfg: Config,
+        log: Logger,
+        *,
+        reload_config: Callable[[], Config],
+        cleanup_on_exit: bool = False,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self._log = log
+        self._reload_config = reload_config
+        self._cleanup = cleanup_on_exit
+        self._notify = notifier or Notifier()
+        self._lock = threading.Lock()
+        self._reconciler = self._build(cfg)
+        self._fatal: PortguardError | None = None
+        self._wake = threading.Event()
+        self._ready = False
+        self._docker_up = False
+        self._repairs: collections.deque[float] = collections.deque()
+        self._storm_logged_at = float("-inf")
+        self._last_watchdog = 0.0
+        self._status = "starting"
+        self.runner = SyncRunner(
+            self._sync,
+            Schedule(cfg.daemon_min_interval, cfg.daemon_reconcile_interval, cfg.daemon_max_backoff),
+            heartbeat=self._heartbeat,
+            heartbeat_interval=min(5.0, self._notify.watchdog_interval or 5.0),
+        )
+
+    def _build(self, cfg: Config) -> Reconciler:
+        selection = select_backend(cfg.backend, docker_host=cfg.docker_host)
+        for why in selection.skipped:
+            self._log.info("backend.skipped", reason=why)
+        for conflict in selection.conflicts:
+            self._log.warning("backend.conflict", detail=conflict)
+        self._log.info("backend.selected", backend=selection.backend.name, reason=selection.reason)
+        return Reconciler(selection.backend, desired_rules(cfg), self._log, conflicts=selection.conflicts)
+
+    @property
+    def reconciler(self) -> Reconciler:
+        with self._lock:
+            return self._reconciler
+
+    # ---- the one sync every trigger requests ----
+
+    def _sync(self) -> bool:
+        reconciler = self.reconciler
+        try:
+            report = reconciler.sync()
+        except RetryableError as exc:
+            self._log.warning("sync.failed", error=str(exc), retry=True)
+            self._set_status(f"retrying: {exc}")
+            return False
+        except FatalError as exc:
+            self._log.critical("sync.fatal", error=str(exc))
+            self._fatal = exc
+            self._wake.set()
+            return False
+        if report.repaired:
+            self._after_repair(report.repaired)
+        healthy = not report.after.needs_write
+        total = len(report.after.statuses)
+        if healthy:
+            self._set_status(f"healthy: {total} rules ({reconciler.backend.name}); docker "
+                             f"{'connected' if self._docker_up else 'not connected'}")
+            if not self._ready:
+                self._ready = True
+                self._notify.send("READY=1", f"STATUS={self._status}")
+        else:
+            bad = sum(1 for s in report.after.statuses if s.state.value != "healthy")
+            self._set_status(f"unhealthy: {bad} of {total} rules ({reconciler.backend.name})")
+        return healthy
+
+    def _after_repair(self, repaired: tuple[tuple[str, Any], ...]) -> None:
+        now = time.monotonic()
+        window = self.cfg.daemon_storm_window
+        self._repairs.append(now)
+        while self._repairs and self._repairs[0] < now - window:
+            self._repairs.popleft()
+        if len(self._repairs) >= self.cfg.daemon_storm_repairs:
+            # Another writer is fighting us: say so loudly, and slow down instead of spinning.
+            self.runner.set_min_interval(max(self.cfg.daemon_min_interval, _STORM_MIN_INTERVAL))
+            if now - self._storm_logged_at >= window:
+                self._storm_logged_at = now
+                self._log.error("rule.repair_storm", repairs=len(self._repairs), window_s=window,
+                                rules=sorted({name for name, _ in repaired}),
+                                hint="another program keeps removing or overriding portguard's rules")
+        elif len(self._repairs) <= 1:
+            self.runner.set_min_interval(self.cfg.daemon_min_interval)
+        if self.cfg.daemon_conntrack_heal:
+            try:
+                cleared = heal(self.cfg.families, self.cfg.protocols, self.cfg.source_ports, self.cfg.to_ports)
+            except (OSError, TimeoutError) as exc:
+                self._log.warning("conntrack.heal_failed", error=str(exc))
+                return
+            if cleared:
+                self._log.info("conntrack.healed", entries=cleared)
+
+    def _set_status(self, status: str) -> None:
+        if status != self._status:
+            self._status = status
+            self._notify.send(f"STATUS={status}")
+
+    def _heartbeat(self) -> None:
+        interval = self._notify.watchdog_interval
+        now = time.monotonic()
+        if interval is not None and now - self._last_watchdog >= interval * 0.9:
+            self._last_watchdog = now
+            self._notify.send("WATCHDOG=1")
+
+    def _set_docker(self, up: bool) -> None:
+        self._docker_up = up
+
+    # ---- triggers ----
+
+    def _kernel_watcher(self) -> Callable[[], None] | None:
+        """Start the best change source for this host; returns its stop function."""
+        backend = self.reconciler.backend.name
+        if backend != "iptables-legacy":
+            try:
+                notifications = NftablesNotifications(lambda _why: self.runner.request(), self._log)
+            except OSError as exc:
+                self._log.warning("kernel.notifications_unavailable", error=str(exc), fallback="poll")
+            else:
+                threading.Thread(target=notifications.run, name="nft-notify", daemon=True).start()
+                return notifications.stop
+        stop = threading.Event()
+        threading.Thread(target=self._poll, args=(stop, backend), name="poll", daemon=True).start()
+        return stop.set
+
+    def _poll(self, stop: threading.Event, backend: str) -> None:
+        """Legacy tables send no notifications: compare a cheap fingerprint every poll interval."""
+        prints = [LegacyFingerprint(False), LegacyFingerprint(True)] if backend == "iptables-legacy" else []
+        last: list[tuple[int, ...] | None] = [p.read() for p in prints]
+        while not stop.wait(self.cfg.daemon_poll_interval):
+            if not prints:
+                self.runner.request()
+                continue
+            now = [p.read() for p in prints]
+            if now != last:
+                last = now
+                self.runner.request()
+
+    # ---- life cycle ----
+
+    def _reload(self) -> None:
+        try:
+            cfg = self._reload_config()
+            reconciler = self._build(cfg)
+        except (ConfigError, FatalError) as exc:
+            self._log.error("config.reload_failed", error=str(exc), kept=self.cfg.source)
+            return
+        with self._lock:
+            self.cfg = cfg
+            self._reconciler = reconciler
+        self.runner.set_min_interval(cfg.daemon_min_interval)
+        self._log.info("config.reloaded", source=cfg.source, rules=len(reconciler.rules))
+        self.runner.request()
+
+    def run(self) -> int:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)  # threads started below inherit the mask
+        self._log.info("daemon.started", version=__version__, backend=self.reconciler.backend.name,
+                       rules=len(self.reconciler.rules), config=self.cfg.source)
+        runner_thread = threading.Thread(target=self.runner.loop, name="runner", daemon=True)
+        runner_thread.start()
+        docker = DockerWatcher(
+            lambda _why: self.runner.request(), self.runner.request_in, self._log,
+            docker_host=self.cfg.docker_host, max_backoff=self.cfg.daemon_max_backoff,
+            on_connection=self._set_docker,
+        )
+        threading.Thread(target=docker.run, name="docker", daemon=True).start()
+        stop_kernel = self._kernel_watcher()
+        exit_code = 0
+        try:
+            while True:
+                info = signal.sigtimedwait(_SIGNALS, 0.25)
+                if self._fatal is not None:
+                    exit_code = 2
+                    break
+                if info is None:
+                    continue
+                if info.si_signo == signal.SIGHUP:
+                    self._log.info("daemon.reload_requested")
+                    self._reload()
+                    continue
+                self._log.info("daemon.stopping", signal=signal.Signals(info.si_signo).name,
+                               cleanup=self._cleanup)
+                break
+        finally:
+            self._notify.send("STOPPING=1")
+            self.runner.stop()
+            docker.stop()
+            if stop_kernel:
+                stop_kernel()
+            runner_thread.join(1.0)
+            if self._cleanup:
+                with contextlib.suppress(PortguardError):
+                    self.reconciler.remove()
+        self._log.info("daemon.stopped", exit_code=exit_code)
+        return exit_code
+
+
+def run_daemon(cfg: Config, log: Logger, *, cleanup_on_exit: bool = False,
+               reload_config: Callable[[], Config] | None = None) -> int:
+    with instance_lock():
+        daemon = Daemon(cfg, log, reload_config=reload_config or (lambda: cfg), cleanup_on_exit=cleanup_on_exit)
+        return daemon.run()

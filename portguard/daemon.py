@@ -233,7 +233,9 @@ class Daemon:
                 if self._fatal is not None:
                     exit_code = 2
                     break
-                if info is None:
+                # CPython may hand back a struct it never filled when the wait is interrupted
+                # (seen after SIGSTOP/SIGCONT); only a signal we asked for counts.
+                if info is None or info.si_signo not in _SIGNALS:
                     continue
                 if info.si_signo == signal.SIGHUP:
                     self._log.info("daemon.reload_requested")

@@ -29,4 +29,5 @@ class Notifier:
             return
         # systemd gone or socket not ours: notifications are best effort
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, contextlib.suppress(OSError):
-            sock.sendto("\n".join(fields).encode(), self._addr)
+            # Never block the loop on a receiver that doesn't read (the queue holds 10 datagrams).
+            sock.sendto("\n".join(fields).encode(), socket.MSG_DONTWAIT, self._addr)

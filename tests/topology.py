@@ -61,9 +61,8 @@ class AclNetwork:
                 "--sport",
                 f"{ACL_LOW}:65535",
                 "-j",
-                "REJECT",
-                "--reject-with",
-                "tcp-reset",
+                action,
+                *(["--reject-with", "tcp-reset"] if action == "REJECT" else []),
             ]
         )
         if low_ports:

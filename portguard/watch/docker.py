@@ -85,11 +85,15 @@ class DockerWatcher:
             self._on_connection(True)
             self._request("docker.connected")
             self._request_in(*RECHECKS)
+            connected_at = time.monotonic()
             self._follow(client)
             self._on_connection(False)
             if not self._stop.is_set():
-                self._log.warning("docker.disconnected")
+                self._log.warning("docker.disconnected", connected_s=round(time.monotonic() - connected_at, 1))
                 self._request("docker.disconnected")
+                if time.monotonic() - connected_at < 1.0:
+                    # A stream that breaks at once must not become a reconnect loop.
+                    self._stop.wait(1.0)
 
     def _follow(self, client: Any) -> None:
         try:
@@ -100,7 +104,7 @@ class DockerWatcher:
                 return
             for event in stream:
                 kind = f"{event.get('Type', '?')}.{event.get('Action', '?')}"
-                self._log.debug("docker.event", event=kind)
+                self._log.debug("docker.event", kind=kind)
                 self._request(f"docker.{kind}")
         except Exception as exc:  # noqa: BLE001  # a broken stream is the same as an ended one
             if not self._stop.is_set():

@@ -61,64 +61,57 @@ def delete_rule(ns: Netns, backend: str) -> None:
 DOCKER_RULE = ["-t", "nat", "-I", "POSTROUTING", "-s", "172.18.0.0/16", "!", "-o", "br-x", "-j", "MASQUERADE"]
 
 
-def bystander_setup(ns: Netns) -> None:
-    """Foreign rules in nat and filter, above, below and in other chains, in every flavour."""
-    for tool in ("iptables-nft", "iptables-legacy"):
+FLAVOURS = ("iptables-nft", "iptables-legacy")
+
+
+def bystander_setup(ns: Netns, *, seed_copy: bool = True, flavours: tuple[str, ...] = FLAVOURS) -> None:
+    """Foreign rules in nat and filter, above, below and in other chains, in every flavour.
+
+    ``seed_copy`` adds an unmarked twin of portguard's MASQUERADE; traffic tests leave it out, as it
+    would translate ports by itself.
+    """
+    for tool in flavours:
         ns.run([tool, "-t", "nat", "-A", "POSTROUTING", "-s", "10.9.0.0/16", "-o", "eth9", "-j", "MASQUERADE"])
         ns.run([tool, "-t", "nat", "-N", "BYSTANDER"])
         ns.run([tool, "-t", "nat", "-A", "BYSTANDER", "-p", "udp", "--dport", "53", "-j", "RETURN"])
-        ns.run(
-            [
-                tool,
-                "-t",
-                "nat",
-                "-A",
-                "PREROUTING",
-                "-p",
-                "tcp",
-                "--dport",
-                "8080",
-                "-j",
-                "REDIRECT",
-                "--to-ports",
-                "80",
-            ]
-        )
+        ns.run([tool, "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "--dport", "8443", "-j", "REDIRECT",
+                "--to-ports", "80"])
         ns.run([tool, "-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "22", "-j", "ACCEPT"])
         ns.run([tool, "-t", "filter", "-A", "FORWARD", "-s", "10.9.0.0/16", "-j", "DROP"])
-        # identical to portguard's own MASQUERADE, but without the mark: never portguard's to touch
-        ns.run(
-            [
-                tool,
-                "-t",
-                "nat",
-                "-A",
-                "POSTROUTING",
-                "-p",
-                "tcp",
-                "-m",
-                "tcp",
-                "--sport",
-                "32768:61000",
-                "-j",
-                "MASQUERADE",
-                "--to-ports",
-                "49152-61000",
-            ]
-        )
-    ns.run(
-        [
-            "nft",
-            "add table ip bystander; add chain ip bystander out { type filter hook output priority 0; }; "
-            "add rule ip bystander out tcp dport 9999 counter",
-        ]
-    )
+        if seed_copy:
+            # identical to portguard's own MASQUERADE, but without the mark: never portguard's to touch
+            ns.run(
+                [
+                    tool,
+                    "-t",
+                    "nat",
+                    "-A",
+                    "POSTROUTING",
+                    "-p",
+                    "tcp",
+                    "-m",
+                    "tcp",
+                    "--sport",
+                    "32768:61000",
+                    "-j",
+                    "MASQUERADE",
+                    "--to-ports",
+                    "49152-61000",
+                ]
+            )
+    bystander_nft(ns)
 
 
-def bystander_snapshot(ns: Netns) -> str:
+def bystander_nft(ns: Netns) -> None:
+    """A native nft table of someone else's."""
+    ns.run(["nft", "add table ip bystander; add chain ip bystander out { type filter hook output priority 0; }; "
+            "add rule ip bystander out tcp dport 9999 counter"])
+
+
+def bystander_snapshot(ns: Netns, flavours: tuple[str, ...] = FLAVOURS) -> str:
     """All foreign rules, counters and portguard's own objects left out."""
     parts = []
-    for tool in ("iptables-nft-save", "iptables-legacy-save"):
+    for tool in (f"{f}-save" for f in flavours):
         for table in ("nat", "filter"):
             lines = [
                 re.sub(r"\[\d+:\d+\]", "", ln)

@@ -1,0 +1,94 @@
+"""A `portguard run` started in a test namespace, watched through its sd_notify socket and JSON log."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal as signals
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from netns import Netns, wait_for
+
+__all__ = ["PortguardDaemon"]
+
+
+class PortguardDaemon:
+    def __init__(self, ns: Netns, workdir: Path, *args: str, env: dict[str, str] | None = None,
+                 watchdog_usec: int | None = None) -> None:
+        self.ns = ns
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = workdir / f"portguard-{time.monotonic_ns()}.log"
+        sock_path = str(workdir / f"notify-{time.monotonic_ns()}.sock")
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(sock_path)
+        self.notify.settimeout(0.2)
+        self.notes: list[str] = []
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("PORTGUARD_")}
+        full_env.update({"NOTIFY_SOCKET": sock_path, "PORTGUARD_LOG_LEVEL": "debug"})
+        if watchdog_usec:
+            full_env["WATCHDOG_USEC"] = str(watchdog_usec)
+        full_env.update(env or {})
+        self._log_file = self.log_path.open("w")
+        self.proc = ns.popen([sys.executable, "-m", "portguard", "run", *args], stdout=self._log_file,
+                             stderr=subprocess.STDOUT, env=full_env)
+
+    def drain(self) -> list[str]:
+        """Collect every notification sent so far."""
+        self.notify.setblocking(False)
+        try:
+            while True:
+                self.notes.extend(self.notify.recv(4096).decode().splitlines())
+        except BlockingIOError:
+            pass
+        finally:
+            self.notify.settimeout(0.2)
+        return self.notes
+
+    def wait_note(self, note: str, timeout: float = 15.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if note in self.notes:
+                return True
+            try:
+                self.notes.extend(self.notify.recv(4096).decode().splitlines())
+            except TimeoutError:
+                if self.proc.poll() is not None:
+                    return False
+        return note in self.notes
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                out.append({"event": "unparsed", "line": line})
+        return out
+
+    def named(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.events() if e.get("event") == name]
+
+    def wait_event(self, name: str, timeout: float = 10.0, count: int = 1) -> bool:
+        return wait_for(lambda: len(self.named(name)) >= count, timeout)
+
+    def send(self, sig: signals.Signals) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, sig: signals.Signals = signals.SIGTERM, timeout: float = 10.0) -> tuple[int, float]:
+        """Send ``sig``; returns (exit code, seconds it took to exit)."""
+        start = time.monotonic()
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        return code, time.monotonic() - start
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log_file.close()
+        self.notify.close()

@@ -1,0 +1,174 @@
+"""`portguard run` without Docker: triggers, signals, reload, healing and sd_notify, in throwaway namespaces."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from daemonproc import PortguardDaemon
+from helpers import BACKENDS, check, delete_rule, owned_lines, xt
+from netns import Netns, wait_for
+from topology import ACL_LOW, AclNetwork
+
+pytestmark = pytest.mark.netns
+NO_DOCKER = {"DOCKER_HOST": "unix:///nonexistent/docker.sock"}
+
+
+@pytest.fixture
+def daemons(ns: Netns, tmp_path: Path) -> Iterator[list[PortguardDaemon]]:
+    started: list[PortguardDaemon] = []
+    yield started
+    for d in started:
+        d.close()
+
+
+def _start(daemons: list[PortguardDaemon], ns: Netns, tmp_path: Path, *args: str, **kw: object) -> PortguardDaemon:
+    env = {**NO_DOCKER, **kw.pop("env", {})}  # type: ignore[dict-item]
+    d = PortguardDaemon(ns, tmp_path, *args, env=env, **kw)  # type: ignore[arg-type]
+    daemons.append(d)
+    assert d.wait_note("READY=1"), d.log_path.read_text()
+    return d
+
+
+def _healthy(ns: Netns, backend: str) -> bool:
+    return ns.portguard("check", "--backend", backend).returncode == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_enforces_without_docker_and_repairs_every_fault(ns: Netns, tmp_path: Path, daemons: list[PortguardDaemon],
+                                                          backend: str) -> None:
+    """With no dockerd at all the rule is enforced from the start, Docker's absence is logged once, and a nat flush,
+    a deleted rule and `nft flush ruleset` are each repaired without any timer tick (backstop set to an hour)."""
+    cfg = tmp_path / "pg.toml"
+    cfg.write_text("[daemon]\nreconcile_interval = 3600\npoll_interval = 0.2\n")
+    d = _start(daemons, ns, tmp_path, "--backend", backend, "--config", str(cfg))
+    assert _healthy(ns, backend)
+    for fault in ("nat-flush", "delete", "nft-flush"):
+        if fault == "nat-flush":
+            ns.run([xt(backend), "-t", "nat", "-F"])
+        elif fault == "delete":
+            delete_rule(ns, backend)
+        else:
+            ns.nft("flush", "ruleset")
+        assert wait_for(lambda: _healthy(ns, backend), timeout=5), (fault, d.log_path.read_text())
+    assert len(d.named("docker.unavailable")) == 1
+    lines = owned_lines(ns, backend)
+    assert len(lines) == len(set(lines)) == (4 if backend == "nftables" else 5)
+
+
+def test_sigterm_exits_0_quickly_and_leaves_the_rules(ns: Netns, tmp_path: Path,
+                                                       daemons: list[PortguardDaemon]) -> None:
+    """SIGTERM: exit 0 within 2 s, rules still in place (a restart opens no leak window)."""
+    d = _start(daemons, ns, tmp_path)
+    code, took = d.stop(signal.SIGTERM)
+    assert code == 0 and took < 2.0, (code, took)
+    assert _healthy(ns, "nftables")
+
+
+def test_cleanup_on_exit_removes_the_rules(ns: Netns, tmp_path: Path, daemons: list[PortguardDaemon]) -> None:
+    """With --cleanup-on-exit, SIGINT exits 0 and nothing portguard owns is left."""
+    d = _start(daemons, ns, tmp_path, "--cleanup-on-exit")
+    code, _ = d.stop(signal.SIGINT)
+    assert code == 0
+    assert owned_lines(ns, "nftables") == []
+
+
+def test_second_daemon_in_the_same_namespace_is_refused(ns: Netns, tmp_path: Path,
+                                                         daemons: list[PortguardDaemon]) -> None:
+    """A second `portguard run` in the same namespace exits 2 with a clear message; the first keeps running."""
+    first = _start(daemons, ns, tmp_path)
+    proc = ns.portguard("run", env=NO_DOCKER, timeout=20)
+    assert proc.returncode == 2
+    assert "another 'portguard run' is already active in this network namespace" in proc.stderr
+    assert first.proc.poll() is None
+
+
+def test_sighup_reloads_and_an_invalid_config_keeps_the_old_one(ns: Netns, tmp_path: Path,
+                                                                daemons: list[PortguardDaemon]) -> None:
+    """SIGHUP applies a changed config (old variant removed); an invalid one is logged and the old one stays."""
+    cfg = tmp_path / "pg.toml"
+    cfg.write_text('to_ports = "49152-61000"\n')
+    d = _start(daemons, ns, tmp_path, "--config", str(cfg))
+    cfg.write_text('to_ports = "50000-60000"\n')
+    d.send(signal.SIGHUP)
+    assert d.wait_event("config.reloaded")
+    assert wait_for(lambda: ns.portguard("check", "--config", str(cfg)).returncode == 0, 5)
+    assert "50000-60000" in ns.nft("list", "table", "inet", "portguard")
+    assert "49152-61000" not in ns.nft("list", "table", "inet", "portguard")
+    cfg.write_text('to_ports = "60000-50000"\n')
+    d.send(signal.SIGHUP)
+    assert d.wait_event("config.reload_failed")
+    assert "to_ports: low port 60000 is above high port 50000" in d.named("config.reload_failed")[0]["error"]
+    ns.nft("flush", "ruleset")  # the old config is still enforced after the failed reload
+    assert wait_for(lambda: "50000-60000" in ns.nft("list", "ruleset"), 5)
+    assert d.proc.poll() is None
+
+
+def test_sd_notify_ready_status_and_watchdog(ns: Netns, tmp_path: Path, daemons: list[PortguardDaemon]) -> None:
+    """READY=1 after the first healthy sync, a STATUS= summary, and WATCHDOG=1 at half of WATCHDOG_USEC."""
+    d = _start(daemons, ns, tmp_path, watchdog_usec=600_000)
+    assert any(n.startswith("STATUS=healthy: 4 rules (nftables)") for n in d.notes), d.notes
+    d.notes.clear()
+    assert d.wait_note("WATCHDOG=1", timeout=2)
+    time.sleep(1.5)
+    assert d.drain().count("WATCHDOG=1") >= 3, d.notes
+
+
+def test_conntrack_healing_unsticks_connections_caught_in_the_gap(ns: Netns, tmp_path: Path,
+                                                                   daemons: list[PortguardDaemon]) -> None:
+    """A connection whose SYN left untranslated while the rule was missing completes after the repair (healed),
+    instead of hanging in SYN_SENT; with healing off, the same connection stays stuck (the control)."""
+    acl = AclNetwork(ns, action="DROP")  # dropped SYNs are retransmitted through the stale conntrack entry
+    try:
+        # Another conntrack user, as Docker's own MASQUERADE is on a real host.
+        ns.run(["iptables-nft", "-t", "nat", "-A", "POSTROUTING", "-s", "172.17.0.0/16", "!", "-o", "docker0",
+                "-j", "MASQUERADE"])
+        results = {}
+        for heal in ("true", "false"):
+            cfg = tmp_path / f"heal-{heal}.toml"
+            cfg.write_text(f"[daemon]\nconntrack_heal = {heal}\n")
+            d = _start(daemons, ns, tmp_path, "--config", str(cfg))
+            d.send(signal.SIGSTOP)  # freeze portguard, open the gap, start a connection in it
+            try:
+                delete_rule(ns, "nftables")
+                client = ns.popen(["python3", "-c", "import socket; socket.create_connection(('198.51.100.2', 8080), "
+                                   "timeout=6).recv(64)"])
+                time.sleep(0.3)
+            finally:
+                d.send(signal.SIGCONT)
+            results[heal] = client.wait(20)
+            if heal == "true":
+                assert d.wait_event("conntrack.healed"), d.log_path.read_text()
+                assert d.named("conntrack.healed")[0]["entries"] >= 1
+            d.stop()
+        assert results == {"true": 0, "false": 1}, results
+        assert acl.ports and all(p >= ACL_LOW for p in acl.ports), acl.ports
+    finally:
+        acl.close()
+
+
+def test_a_writer_fighting_portguard_is_reported_as_a_storm(ns: Netns, tmp_path: Path,
+                                                            daemons: list[PortguardDaemon]) -> None:
+    """Another program deleting the rule again and again: each time repaired, and a loud repair_storm error."""
+    cfg = tmp_path / "pg.toml"
+    cfg.write_text("[daemon]\nstorm_repairs = 5\nstorm_window = 30\n")
+    d = _start(daemons, ns, tmp_path, "--config", str(cfg))
+    for _ in range(6):
+        assert wait_for(lambda: _healthy(ns, "nftables"), 5)
+        ns.nft("delete", "table", "inet", "portguard")
+    assert d.wait_event("rule.repair_storm"), d.log_path.read_text()
+    storm = d.named("rule.repair_storm")[0]
+    assert storm["level"] == "error" and storm["repairs"] >= 5 and storm["window_s"] == 30
+    assert wait_for(lambda: _healthy(ns, "nftables"), 5)
+
+
+def test_unreachable_docker_is_logged_once_then_rarely(ns: Netns, tmp_path: Path,
+                                                       daemons: list[PortguardDaemon]) -> None:
+    """A missing Docker socket never stops enforcement and is not logged on every retry."""
+    d = _start(daemons, ns, tmp_path)
+    time.sleep(3)
+    assert len(d.named("docker.unavailable")) == 1
+    assert check(ns, "nftables")[0] == 0 and d.proc.poll() is None

@@ -66,7 +66,7 @@ class Reconciler:
             return SyncReport(before, before, False, (self._clock() - start) * 1000)
         for attempt in range(_WRITE_ATTEMPTS):
             try:
-                self.backend.ensure(self.rules)
+                self.backend.ensure(self.rules, before if attempt == 0 else None)
                 break
             except RetryableError as exc:
                 if attempt + 1 == _WRITE_ATTEMPTS:

@@ -36,6 +36,9 @@ class Observation:
     stale: tuple[str, ...] = ()
     shadowed_by: tuple[str, ...] = ()
     conflicts: tuple[str, ...] = field(default=(), compare=False)
+    # What the backend would write to fix what it saw; handed back to ensure() so a repair
+    # need not read the tables twice.  Opaque outside the backend.
+    plan: object = field(default=None, compare=False, repr=False)
 
     @property
     def healthy(self) -> bool:
@@ -47,7 +50,7 @@ class Observation:
         return bool(self.stale) or any(s.state is not State.HEALTHY for s in self.statuses)
 
     def with_conflicts(self, conflicts: Sequence[str]) -> Observation:
-        return Observation(self.backend, self.statuses, self.stale, self.shadowed_by, tuple(conflicts))
+        return Observation(self.backend, self.statuses, self.stale, self.shadowed_by, tuple(conflicts), self.plan)
 
 
 class Backend(Protocol):
@@ -64,8 +67,11 @@ class Backend(Protocol):
     def observe(self, rules: Sequence[Rule]) -> Observation:
         """Read-only: the state of every desired rule, and stale owned objects."""
 
-    def ensure(self, rules: Sequence[Rule]) -> None:
-        """One atomic write that makes the tables match; RetryableError on lock or conflict."""
+    def ensure(self, rules: Sequence[Rule], seen: Observation | None = None) -> None:
+        """One atomic write that makes the tables match; RetryableError on lock or conflict.
+
+        ``seen`` is the observation just made, whose plan the backend may reuse.
+        """
 
     def remove(self) -> int:
         """Delete everything portguard owns and nothing else; returns how many objects went."""

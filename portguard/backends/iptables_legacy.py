@@ -227,7 +227,8 @@ class IptablesLegacyBackend:
             pr_chain.insert_rule(self._build(family, None))
         return 1
 
-    def ensure(self, rules: Sequence[Rule]) -> None:
+    def ensure(self, rules: Sequence[Rule], seen: Observation | None = None) -> None:
+        # libiptc works on a snapshot: plan again under the lock, whatever was seen before.
         grouped = xtables.by_family(rules)
         for family in Family:
             if family in grouped:

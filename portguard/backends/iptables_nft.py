@@ -73,27 +73,44 @@ class IptablesNftBackend:
         return "".join(line if line.endswith("\n") else line + "\n" for line in out)
 
     def observe(self, rules: Sequence[Rule]) -> Observation:
-        parts = [self._assess(f, fr)[0] for f, fr in xtables.by_family(rules).items()]
-        stale = [self._stale_family(f) for f in Family if f not in {r.family for r in rules}]
-        return xtables.merge(self.name, parts + [o for o in stale if o is not None])
+        grouped = xtables.by_family(rules)
+        parts, plans = [], {}
+        for family in Family:
+            if family in grouped:
+                obs, plan = self._assess(family, grouped[family])
+                parts.append(obs)
+            else:
+                # A family no longer configured: what portguard owns there is stale.  Its chain
+                # is only looked for when a jump to it is left (one read instead of two per sync);
+                # `remove` finds an orphaned chain too.
+                leftovers = self._leftovers(family)
+                if leftovers is None:
+                    continue
+                plan = xtables.removal_plan(*leftovers)
+                stale = [f"{family.value} POSTROUTING: {spec}" for spec in plan.delete_postrouting]
+                stale += [f"{family.value} chain {xtables.CHAIN}"] if plan.drop_chain else []
+                parts.append(Observation(self.name, (), tuple(stale)))
+            if not plan.empty:
+                plans[family] = plan
+        return xtables.merge(self.name, parts, plans)
 
-    def _stale_family(self, family: Family) -> Observation | None:
-        """A family no longer configured: everything portguard owns there is stale."""
+    def _leftovers(self, family: Family) -> tuple[list[xtables.XRule], list[xtables.XRule] | None] | None:
         try:
-            obs, plan = self._assess(family, [])
+            postrouting = self._list(family, xtables.POSTROUTING) or []
         except FatalError:
             return None  # e.g. IPv6 disabled in this kernel: nothing of ours can be there
-        return obs if obs.stale or plan.delete_postrouting else None
+        if not any(x.owned for x in postrouting):
+            return None
+        return postrouting, self._list(family, xtables.CHAIN)
 
-    def ensure(self, rules: Sequence[Rule]) -> None:
+    def ensure(self, rules: Sequence[Rule], seen: Observation | None = None) -> None:
+        # Reusing the plan from the observation is safe: deletes name full rule texts, so if
+        # the table changed since, the batch fails whole (RetryableError) and nothing changes.
+        source = seen if seen is not None and isinstance(seen.plan, dict) else self.observe(rules)
+        plans: dict[Family, xtables.Plan] = source.plan if isinstance(source.plan, dict) else {}
         grouped = xtables.by_family(rules)
-        for family in Family:
-            if family not in grouped:
-                self._remove_family(family)
-                continue
-            _, plan = self._assess(family, grouped[family])
-            if not plan.empty:
-                self._restore(family, xtables.render_restore(grouped[family], plan))
+        for family, plan in plans.items():
+            self._restore(family, xtables.render_restore(grouped.get(family, []), plan))
 
     def _restore(self, family: Family, batch: str) -> None:
         tool = self._tool(family, "-restore")
@@ -108,16 +125,15 @@ class IptablesNftBackend:
         raise FatalError(f"{tool}: {err}")
 
     def _remove_family(self, family: Family) -> int:
-        postrouting = self._list(family, xtables.POSTROUTING) or []
-        owned = [x.spec for x in postrouting if x.owned]
-        chain = self._list(family, xtables.CHAIN)
-        if not owned and chain is None:
+        try:
+            postrouting = self._list(family, xtables.POSTROUTING) or []
+        except FatalError:
             return 0
-        lines = ["*nat"] + [f"-D {xtables.POSTROUTING} {spec}" for spec in owned]
-        if chain is not None:
-            lines += [f"-F {xtables.CHAIN}", f"-X {xtables.CHAIN}"]
-        self._restore(family, "\n".join([*lines, "COMMIT", ""]))
-        return len(owned) + (1 if chain is not None else 0)
+        plan = xtables.removal_plan(postrouting, self._list(family, xtables.CHAIN))
+        if plan.empty:
+            return 0
+        self._restore(family, xtables.render_restore([], plan))
+        return len(plan.delete_postrouting) + plan.drop_chain
 
     def remove(self) -> int:
         return sum(self._remove_family(f) for f in Family)

@@ -198,7 +198,7 @@ class NftablesBackend:
         rc, _, _ = self._lib().run(f"list table inet {TABLE}")
         return rc == 0
 
-    def ensure(self, rules: Sequence[Rule]) -> None:
+    def ensure(self, rules: Sequence[Rule], seen: Observation | None = None) -> None:
         # add+delete+define in one buffer is one transaction: no moment without the rules.
         if not rules:
             self.remove()

@@ -151,10 +151,11 @@ class Plan:
     rewrite_chain: bool
     delete_postrouting: tuple[str, ...]  # specs of owned POSTROUTING rules to delete, as listed
     insert_jump: bool
+    drop_chain: bool = False
 
     @property
     def empty(self) -> bool:
-        return not (self.rewrite_chain or self.delete_postrouting or self.insert_jump)
+        return not (self.rewrite_chain or self.delete_postrouting or self.insert_jump or self.drop_chain)
 
 
 def assess(
@@ -221,10 +222,22 @@ def render_restore(rules: Sequence[Rule], plan: Plan) -> str:
         lines.append(f":{CHAIN} - [0:0]")
         lines.extend(f"-A {CHAIN} {rule_spec(r)}" for r in rules)
     lines.extend(f"-D {POSTROUTING} {spec}" for spec in plan.delete_postrouting)
+    if plan.drop_chain:
+        lines += [f"-F {CHAIN}", f"-X {CHAIN}"]
     if plan.insert_jump:
         lines.append(f"-I {POSTROUTING} 1 {jump_spec()}")
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
+
+
+def removal_plan(postrouting: Sequence[XRule], chain: Sequence[XRule] | None) -> Plan:
+    """Everything portguard owns in one family's nat table, to be deleted."""
+    return Plan(
+        rewrite_chain=False,
+        delete_postrouting=tuple(x.spec for x in postrouting if x.owned),
+        insert_jump=False,
+        drop_chain=chain is not None,
+    )
 
 
 def full_plan() -> Plan:
@@ -238,10 +251,11 @@ def by_family(rules: Sequence[Rule]) -> dict[Family, list[Rule]]:
     return out
 
 
-def merge(backend: str, parts: Sequence[Observation]) -> Observation:
+def merge(backend: str, parts: Sequence[Observation], plans: dict[Family, Plan] | None = None) -> Observation:
     return Observation(
         backend,
         tuple(s for p in parts for s in p.statuses),
         tuple(s for p in parts for s in p.stale),
         tuple(s for p in parts for s in p.shadowed_by),
+        plan=plans,
     )

@@ -26,7 +26,7 @@ class _Fake:
     def observe(self, rules: Sequence[Rule]) -> Observation:
         return Observation(self.name, ())
 
-    def ensure(self, rules: Sequence[Rule]) -> None:
+    def ensure(self, rules: Sequence[Rule], seen: Observation | None = None) -> None:
         return None
 
     def remove(self) -> int:

@@ -65,12 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
         "remove": "delete everything portguard owns, nothing else",
         "render": "print what apply would install, in the backend's own syntax",
         "run": "the daemon: keep the rules healthy whatever Docker and others do",
+        "doctor": "explain whether this host is protected, and why not",
+        "demo": "show the problem and the fix live, in throwaway network namespaces",
         "install-systemd": "install the systemd unit and an example config",
     }
     for name, help_text in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         _global_options(p, suppress=True)
-        if name == "check":
+        if name in ("check", "doctor", "demo"):
             p.add_argument("--json", action="store_true", help="machine-readable report")
         if name == "run":
             p.add_argument("--cleanup-on-exit", action="store_true", help="remove the rules on SIGTERM/SIGINT")
@@ -107,6 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, cfg: Config, log: Logger) -> int:  # noqa: PLR0911  # one return per command
+    if args.command == "demo":
+        from portguard.demo import run_demo
+
+        return run_demo(as_json=args.json)
     if args.command == "install-systemd":
         from portguard.install import install_systemd
 
@@ -116,6 +122,12 @@ def _dispatch(args: argparse.Namespace, cfg: Config, log: Logger) -> int:  # noq
     warning = narrow_target_warning(cfg)
     if warning and args.command in ("apply", "run"):
         log.warning("config.narrow_target", **warning)
+    if args.command == "doctor":
+        from portguard.doctor import render, run_doctor
+
+        diagnosis = run_doctor(cfg)
+        print(render(diagnosis, as_json=args.json))
+        return EXIT_DRIFT if diagnosis.risks else EXIT_OK
     if args.command == "run":
         from portguard.daemon import run_daemon
 

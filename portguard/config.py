@@ -52,6 +52,7 @@ class Config:
     daemon_conntrack_heal: bool = True
     daemon_storm_repairs: int = 10
     daemon_storm_window: float = 60.0
+    daemon_audit_interval: float = 60.0
     docker_host: str = ""
     metrics_listen: str = "127.0.0.1:9640"
     log_format: str = "auto"
@@ -196,6 +197,7 @@ KEYS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
     "daemon.conntrack_heal": ("daemon_conntrack_heal", _bool),
     "daemon.storm_repairs": ("daemon_storm_repairs", _positive_int),
     "daemon.storm_window": ("daemon_storm_window", _positive_float),
+    "daemon.audit_interval": ("daemon_audit_interval", _positive_float),
     "docker.host": ("docker_host", _string),
     "metrics.listen": ("metrics_listen", _listen),
     "log.format": ("log_format", _choice(LOG_FORMATS)),

@@ -36,8 +36,18 @@ class Flow:
     reply_dport: int  # the source port the remote side sees
 
     def delete_args(self) -> list[str]:
-        return ["-p", self.protocol, "-s", self.src, "-d", self.dst, "--sport", str(self.sport),
-                "--dport", str(self.dport)]
+        return [
+            "-p",
+            self.protocol,
+            "-s",
+            self.src,
+            "-d",
+            self.dst,
+            "--sport",
+            str(self.sport),
+            "--dport",
+            str(self.dport),
+        ]
 
 
 def parse_flows(text: str) -> list[Flow]:
@@ -55,8 +65,18 @@ def parse_flows(text: str) -> list[Flow]:
         reply = dict(rest)
         state = next((w for w in words if _STATE.fullmatch(w)), "")
         try:
-            flows.append(Flow(proto, state, "[UNREPLIED]" in words, orig["src"], orig["dst"], int(orig["sport"]),
-                              int(orig["dport"]), int(reply["dport"])))
+            flows.append(
+                Flow(
+                    proto,
+                    state,
+                    "[UNREPLIED]" in words,
+                    orig["src"],
+                    orig["dst"],
+                    int(orig["sport"]),
+                    int(orig["dport"]),
+                    int(reply["dport"]),
+                )
+            )
         except (KeyError, ValueError):
             continue
     return flows
@@ -87,7 +107,8 @@ def heal(families: Sequence[Family], protocols: Sequence[Protocol], source: Port
                 argv += ["--state", "SYN_SENT"]
             listing = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
             for flow in untranslated(parse_flows(listing.stdout), source, target):
-                done = subprocess.run([tool, "-D", "-f", family.value, *flow.delete_args()],
-                                      capture_output=True, timeout=30, check=False)
+                done = subprocess.run(
+                    [tool, "-D", "-f", family.value, *flow.delete_args()], capture_output=True, timeout=30, check=False
+                )
                 cleared += done.returncode == 0
     return cleared

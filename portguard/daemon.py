@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import errno
+import gc
 import signal
 import socket
 import threading
@@ -21,11 +23,13 @@ from collections.abc import Callable
 from typing import Any
 
 from portguard import __version__
+from portguard.audit import audit
 from portguard.config import Config, desired_rules
 from portguard.conntrack import heal
 from portguard.detect import select_backend
 from portguard.errors import ConfigError, FatalError, PortguardError, RetryableError
 from portguard.logs import Logger
+from portguard.metrics import Metrics, serve
 from portguard.reconciler import Reconciler
 from portguard.runner import Schedule, SyncRunner
 from portguard.sdnotify import Notifier
@@ -36,6 +40,14 @@ __all__ = ["Daemon", "run_daemon"]
 
 _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 _STORM_MIN_INTERVAL = 1.0
+
+
+def release_memory() -> None:
+    """Hand start-up garbage (imports, backend probing) back to the kernel: a long-lived daemon's RSS
+    should be what it uses, not its high-water mark (glibc keeps freed heap otherwise)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def instance_lock() -> socket.socket:
@@ -60,27 +72,32 @@ class Daemon:
         reload_config: Callable[[], Config],
         cleanup_on_exit: bool = False,
         notifier: Notifier | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.cfg = cfg
         self._log = log
+        self.metrics = metrics or Metrics()
         self._reload_config = reload_config
         self._cleanup = cleanup_on_exit
         self._notify = notifier or Notifier()
         self._lock = threading.Lock()
         self._reconciler = self._build(cfg)
         self._fatal: PortguardError | None = None
-        self._wake = threading.Event()
         self._ready = False
         self._docker_up = False
         self._repairs: collections.deque[float] = collections.deque()
         self._storm_logged_at = float("-inf")
         self._last_watchdog = 0.0
+        self._last_beat = time.monotonic()
+        self._last_ok: float | None = None  # monotonic time of the last sync that ended healthy
         self._status = "starting"
+        self._audit_count = 0
+        self.runner_heartbeat = min(5.0, self._notify.watchdog_interval or 5.0)
         self.runner = SyncRunner(
             self._sync,
             Schedule(cfg.daemon_min_interval, cfg.daemon_reconcile_interval, cfg.daemon_max_backoff),
             heartbeat=self._heartbeat,
-            heartbeat_interval=min(5.0, self._notify.watchdog_interval or 5.0),
+            heartbeat_interval=self.runner_heartbeat,
         )
 
     def _build(self, cfg: Config) -> Reconciler:
@@ -90,6 +107,7 @@ class Daemon:
         for conflict in selection.conflicts:
             self._log.warning("backend.conflict", detail=conflict)
         self._log.info("backend.selected", backend=selection.backend.name, reason=selection.reason)
+        self.metrics.set_backend(selection.backend.name)
         return Reconciler(selection.backend, desired_rules(cfg), self._log, conflicts=selection.conflicts)
 
     @property
@@ -101,6 +119,7 @@ class Daemon:
 
     def _sync(self) -> bool:
         reconciler = self.reconciler
+        started = time.perf_counter()
         try:
             report = reconciler.sync()
         except RetryableError as exc:
@@ -109,19 +128,29 @@ class Daemon:
             return False
         except FatalError as exc:
             self._log.critical("sync.fatal", error=str(exc))
-            self._fatal = exc
-            self._wake.set()
+            self._fatal = exc  # the main thread exits 2 so systemd can act
             return False
-        if report.repaired:
-            self._after_repair(report.repaired)
+        except Exception:  # noqa: BLE001  # a bug must cost one sync, never the runner thread
+            self._log.error("sync.crashed", exc_info=True)
+            self._set_status("retrying after an internal error")
+            return False
         healthy = not report.after.needs_write
+        self.metrics.observed(report.after, ok=healthy, seconds=time.perf_counter() - started, now=time.time())
+        if healthy:
+            self._last_ok = time.monotonic()
+        if report.repaired:
+            self.metrics.repaired(report.repaired)
+            self._after_repair(report.repaired)
         total = len(report.after.statuses)
         if healthy:
-            self._set_status(f"healthy: {total} rules ({reconciler.backend.name}); docker "
-                             f"{'connected' if self._docker_up else 'not connected'}")
+            self._set_status(
+                f"healthy: {total} rules ({reconciler.backend.name}); docker "
+                f"{'connected' if self._docker_up else 'not connected'}"
+            )
             if not self._ready:
                 self._ready = True
                 self._notify.send("READY=1", f"STATUS={self._status}")
+                release_memory()
         else:
             bad = sum(1 for s in report.after.statuses if s.state.value != "healthy")
             self._set_status(f"unhealthy: {bad} of {total} rules ({reconciler.backend.name})")
@@ -138,9 +167,13 @@ class Daemon:
             self.runner.set_min_interval(max(self.cfg.daemon_min_interval, _STORM_MIN_INTERVAL))
             if now - self._storm_logged_at >= window:
                 self._storm_logged_at = now
-                self._log.error("rule.repair_storm", repairs=len(self._repairs), window_s=window,
-                                rules=sorted({name for name, _ in repaired}),
-                                hint="another program keeps removing or overriding portguard's rules")
+                self._log.error(
+                    "rule.repair_storm",
+                    repairs=len(self._repairs),
+                    window_s=window,
+                    rules=sorted({name for name, _ in repaired}),
+                    hint="another program keeps removing or overriding portguard's rules",
+                )
         elif len(self._repairs) <= 1:
             self.runner.set_min_interval(self.cfg.daemon_min_interval)
         if self.cfg.daemon_conntrack_heal:
@@ -150,6 +183,7 @@ class Daemon:
                 self._log.warning("conntrack.heal_failed", error=str(exc))
                 return
             if cleared:
+                self.metrics.conntrack_healed.inc(cleared)
                 self._log.info("conntrack.healed", entries=cleared)
 
     def _set_status(self, status: str) -> None:
@@ -160,12 +194,42 @@ class Daemon:
     def _heartbeat(self) -> None:
         interval = self._notify.watchdog_interval
         now = time.monotonic()
+        self._last_beat = now
         if interval is not None and now - self._last_watchdog >= interval * 0.9:
             self._last_watchdog = now
             self._notify.send("WATCHDOG=1")
 
     def _set_docker(self, up: bool) -> None:
         self._docker_up = up
+        self.metrics.docker_connected.set(1 if up else 0)
+
+    def healthy(self) -> bool:
+        """For /healthz: the loop is alive and the last sync ended healthy, recently."""
+        now = time.monotonic()
+        alive = now - self._last_beat <= max(10.0, 2 * self.runner_heartbeat)
+        recent = self._last_ok is not None and now - self._last_ok <= 2 * self.cfg.daemon_reconcile_interval + 30
+        return alive and recent and self._status.startswith("healthy")
+
+    def _audit_loop(self, stop: threading.Event) -> None:
+        """The effect audit: flows that left with a matched but untranslated port."""
+        while not stop.wait(self.cfg.daemon_audit_interval):
+            self.audit_once()
+            release_memory()
+
+    def audit_once(self) -> int:
+        cfg = self.cfg
+        try:
+            flows = audit(cfg.families, cfg.protocols, source=cfg.source_ports, target=cfg.to_ports,
+                          interfaces=cfg.egress_interfaces, excluded=cfg.egress_exclude_interfaces)
+        except (OSError, TimeoutError) as exc:
+            self._log.warning("audit.failed", error=str(exc))
+            return self._audit_count
+        self.metrics.untranslated.set(len(flows))
+        if len(flows) != self._audit_count and flows:
+            self._log.warning("audit.untranslated", flows=len(flows),
+                              first=[f"{f.protocol} {f.src}:{f.sport} -> {f.dst}:{f.dport}" for f in flows[:3]])
+        self._audit_count = len(flows)
+        return len(flows)
 
     # ---- triggers ----
 
@@ -174,7 +238,10 @@ class Daemon:
         backend = self.reconciler.backend.name
         if backend != "iptables-legacy":
             try:
-                notifications = NftablesNotifications(lambda _why: self.runner.request(), self._log)
+                # nftables: only portguard's own table (and any table/chain change); iptables-nft:
+                # the nat table, where Docker's MASQUERADE and portguard's jump compete.
+                tables = frozenset({b"portguard"} if backend == "nftables" else {b"nat"})
+                notifications = NftablesNotifications(lambda _why: self.runner.request(), self._log, tables)
             except OSError as exc:
                 self._log.warning("kernel.notifications_unavailable", error=str(exc), fallback="poll")
             else:
@@ -215,17 +282,28 @@ class Daemon:
 
     def run(self) -> int:
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)  # threads started below inherit the mask
-        self._log.info("daemon.started", version=__version__, backend=self.reconciler.backend.name,
-                       rules=len(self.reconciler.rules), config=self.cfg.source)
+        self._log.info(
+            "daemon.started",
+            version=__version__,
+            backend=self.reconciler.backend.name,
+            rules=len(self.reconciler.rules),
+            config=self.cfg.source,
+        )
         runner_thread = threading.Thread(target=self.runner.loop, name="runner", daemon=True)
         runner_thread.start()
         docker = DockerWatcher(
-            lambda _why: self.runner.request(), self.runner.request_in, self._log,
-            docker_host=self.cfg.docker_host, max_backoff=self.cfg.daemon_max_backoff,
+            lambda _why: self.runner.request(),
+            self.runner.request_in,
+            self._log,
+            docker_host=self.cfg.docker_host,
+            max_backoff=self.cfg.daemon_max_backoff,
             on_connection=self._set_docker,
         )
         threading.Thread(target=docker.run, name="docker", daemon=True).start()
         stop_kernel = self._kernel_watcher()
+        stop_audit = threading.Event()
+        threading.Thread(target=self._audit_loop, args=(stop_audit,), name="audit", daemon=True).start()
+        server = serve(self.metrics, self.cfg.metrics_listen, self.healthy) if self.cfg.metrics_listen else None
         exit_code = 0
         try:
             while True:
@@ -241,13 +319,15 @@ class Daemon:
                     self._log.info("daemon.reload_requested")
                     self._reload()
                     continue
-                self._log.info("daemon.stopping", signal=signal.Signals(info.si_signo).name,
-                               cleanup=self._cleanup)
+                self._log.info("daemon.stopping", signal=signal.Signals(info.si_signo).name, cleanup=self._cleanup)
                 break
         finally:
             self._notify.send("STOPPING=1")
             self.runner.stop()
+            stop_audit.set()
             docker.stop()
+            if server is not None:
+                server.shutdown()
             if stop_kernel:
                 stop_kernel()
             runner_thread.join(1.0)
@@ -258,8 +338,9 @@ class Daemon:
         return exit_code
 
 
-def run_daemon(cfg: Config, log: Logger, *, cleanup_on_exit: bool = False,
-               reload_config: Callable[[], Config] | None = None) -> int:
+def run_daemon(
+    cfg: Config, log: Logger, *, cleanup_on_exit: bool = False, reload_config: Callable[[], Config] | None = None
+) -> int:
     with instance_lock():
         daemon = Daemon(cfg, log, reload_config=reload_config or (lambda: cfg), cleanup_on_exit=cleanup_on_exit)
         return daemon.run()

@@ -11,9 +11,10 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 from netns import Netns
+
+from portguard.demo import CLIENT, SERVER
 
 __all__ = ["ACL_LOW", "AclNetwork"]
 
@@ -21,17 +22,6 @@ ACL_LOW = 49152
 SERVER_IP = "198.51.100.2"
 NEAR_IP = "198.51.100.1"
 PORT = 8080
-TOOLS = Path(__file__).resolve().parent / "tools"
-
-_CONNECT = r"""
-import socket, sys
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]))
-s.settimeout(float(sys.argv[3]))
-data = b""
-while chunk := s.recv(4096):
-    data += chunk
-sys.exit(0 if data.endswith(b"\r\n\r\nok\n") else 3)
-"""
 
 
 class AclNetwork:
@@ -68,10 +58,9 @@ class AclNetwork:
         if low_ports:
             # Force the near side's own connections below the ACL's range.
             near.run(["sysctl", "-qw", "net.ipv4.ip_local_port_range=32768 40000"])
-        self._server = self.far.popen(
-            [sys.executable, str(TOOLS / "portserver.py"), SERVER_IP, str(PORT)], stdout=subprocess.PIPE
-        )
-        assert self._server.stdout is not None and self._server.stdout.readline() == b"listening\n"
+        # the demo's own server and client: one implementation of "a server that records source ports"
+        self._server = self.far.popen([sys.executable, "-c", SERVER, SERVER_IP, str(PORT)], stdout=subprocess.PIPE)
+        assert self._server.stdout is not None and self._server.stdout.readline() == b"ready\n"
         self._reader = threading.Thread(target=self._read_ports, daemon=True)
         self._reader.start()
 
@@ -83,7 +72,7 @@ class AclNetwork:
     def connect(self, timeout: float = 3.0) -> bool:
         """One connection from the near namespace's own stack; True when the server answered."""
         proc = self.near.run(
-            [sys.executable, "-c", _CONNECT, SERVER_IP, str(PORT), str(timeout)], check=False, timeout=timeout + 10
+            [sys.executable, "-c", CLIENT, SERVER_IP, str(PORT), str(timeout)], check=False, timeout=timeout + 10
         )
         return proc.returncode == 0
 

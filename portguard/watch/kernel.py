@@ -15,13 +15,14 @@ from __future__ import annotations
 import ctypes
 import errno
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from portguard.logs import Logger
 
-__all__ = ["LegacyFingerprint", "NftablesNotifications"]
+__all__ = ["LegacyFingerprint", "NftablesNotifications", "relevant"]
 
 NETLINK_NETFILTER = 12
 SOL_NETLINK = 270
@@ -30,12 +31,53 @@ NFNLGRP_NFTABLES = 7
 _CHUNK = 1 << 20
 
 
-class NftablesNotifications:
-    """Requests a sync on every burst of nf_tables change notifications."""
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_NEWGEN = 15
+# Message types whose first attribute (NFTA_*_TABLE = 1) names the table they belong to: rules,
+# sets, set elements, objects, flowtables (new/del of each).  Table and chain messages are always
+# relevant: a new base chain elsewhere can shadow portguard's.
+_PER_TABLE = frozenset({6, 8, 9, 11, 12, 14, 18, 20, 22, 24})
+_NLMSG_HDR = struct.Struct("=IHHII")
+_NLA_HDR = struct.Struct("=HH")
 
-    def __init__(self, request: Callable[[str], None], log: Logger) -> None:
+
+def relevant(data: bytes, tables: frozenset[bytes] | None) -> bool:
+    """Does this chunk of nf_tables notifications touch anything a sync must look at?
+
+    ``tables=None`` means every change is relevant.  Otherwise changes to rules, sets and objects
+    of other tables (Docker's filter rules, for example) are skipped; table and chain changes and
+    anything not understood count.  The backstop sync covers whatever a filter could miss.
+    """
+    if tables is None:
+        return True
+    offset = 0
+    while offset + _NLMSG_HDR.size <= len(data):
+        length, msg_type, _flags, _seq, _pid = _NLMSG_HDR.unpack_from(data, offset)
+        if length < _NLMSG_HDR.size:
+            return True  # malformed: don't guess
+        subsys, msg = msg_type >> 8, msg_type & 0xFF
+        if subsys == NFNL_SUBSYS_NFTABLES and msg != NFT_MSG_NEWGEN:
+            if msg not in _PER_TABLE:
+                return True
+            attr = offset + _NLMSG_HDR.size + 4  # skip struct nfgenmsg
+            if attr + _NLA_HDR.size <= offset + length:
+                nla_len, nla_type = _NLA_HDR.unpack_from(data, attr)
+                name = data[attr + _NLA_HDR.size : attr + nla_len].rstrip(b"\0")
+                if (nla_type & 0x3FFF) != 1 or name in tables:
+                    return True
+            else:
+                return True
+        offset += (length + 3) & ~3
+    return False
+
+
+class NftablesNotifications:
+    """Requests a sync on every burst of nf_tables change notifications that could matter."""
+
+    def __init__(self, request: Callable[[str], None], log: Logger, tables: frozenset[bytes] | None = None) -> None:
         self._request = request
         self._log = log
+        self._tables = tables
         self._stop = threading.Event()
         self._sock = self._open()
 
@@ -56,24 +98,30 @@ class NftablesNotifications:
         self._stop.set()
 
     def run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                try:
-                    data = self._sock.recv(_CHUNK)
-                except TimeoutError:
-                    continue
-                except OSError as exc:
-                    if exc.errno != errno.ENOBUFS:
-                        raise
-                    # The burst overran our buffer: changes were certainly made; sync.
-                    self._request("kernel.overrun")
-                    continue
-                if data:
-                    self._request("kernel.nftables")
-        except OSError as exc:
-            self._log.error("kernel.notifications_failed", error=str(exc))
-        finally:
-            self._sock.close()
+        while not self._stop.is_set():
+            try:
+                data = self._sock.recv(_CHUNK)
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    self._reopen(exc)
+                # Overrun or a lost subscription: changes may have been missed; sync.
+                self._request("kernel.overrun")
+                continue
+            if data and relevant(data, self._tables):
+                self._request("kernel.nftables")
+        self._sock.close()
+
+    def _reopen(self, exc: OSError) -> None:
+        self._log.error("kernel.notifications_failed", error=str(exc), action="resubscribe")
+        self._sock.close()
+        while not self._stop.wait(1.0):
+            try:
+                self._sock = self._open()
+                return
+            except OSError as again:
+                self._log.debug("kernel.resubscribe_failed", error=str(again))
 
 
 class _GetInfo(ctypes.Structure):

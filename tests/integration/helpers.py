@@ -64,6 +64,14 @@ DOCKER_RULE = ["-t", "nat", "-I", "POSTROUTING", "-s", "172.18.0.0/16", "!", "-o
 FLAVOURS = ("iptables-nft", "iptables-legacy")
 
 
+def keep_conntrack_on(ns: Netns) -> None:
+    """A conntrack user besides portguard, as Docker's own MASQUERADE is on a real host: conntrack only
+    tracks a namespace while some rule needs it, so deleting portguard's rule would otherwise stop
+    tracking and a healing or audit test would pass (or fail) for the wrong reason (FACTS.md)."""
+    ns.run(["iptables-nft", "-t", "nat", "-A", "POSTROUTING", "-s", "172.17.0.0/16", "!", "-o", "docker0",
+            "-j", "MASQUERADE"])
+
+
 def bystander_setup(ns: Netns, *, seed_copy: bool = True, flavours: tuple[str, ...] = FLAVOURS) -> None:
     """Foreign rules in nat and filter, above, below and in other chains, in every flavour.
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from daemonproc import PortguardDaemon
-from helpers import BACKENDS, check, delete_rule, owned_lines, xt
+from helpers import BACKENDS, check, delete_rule, keep_conntrack_on, owned_lines, xt
 from netns import Netns, wait_for
 from topology import ACL_LOW, AclNetwork
 
@@ -123,9 +124,7 @@ def test_conntrack_healing_unsticks_connections_caught_in_the_gap(ns: Netns, tmp
     instead of hanging in SYN_SENT; with healing off, the same connection stays stuck (the control)."""
     acl = AclNetwork(ns, action="DROP")  # dropped SYNs are retransmitted through the stale conntrack entry
     try:
-        # Another conntrack user, as Docker's own MASQUERADE is on a real host.
-        ns.run(["iptables-nft", "-t", "nat", "-A", "POSTROUTING", "-s", "172.17.0.0/16", "!", "-o", "docker0",
-                "-j", "MASQUERADE"])
+        keep_conntrack_on(ns)
         results = {}
         for heal in ("true", "false"):
             cfg = tmp_path / f"heal-{heal}.toml"
@@ -172,3 +171,104 @@ def test_unreachable_docker_is_logged_once_then_rarely(ns: Netns, tmp_path: Path
     time.sleep(3)
     assert len(d.named("docker.unavailable")) == 1
     assert check(ns, "nftables")[0] == 0 and d.proc.poll() is None
+
+
+SCRAPE = """
+import sys, urllib.request, urllib.error
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=5) as r:
+        print(r.status); print(r.read().decode())
+except urllib.error.HTTPError as e:
+    print(e.code); print(e.read().decode())
+"""
+
+
+def _scrape(ns: Netns, path: str, port: int = 9640) -> tuple[int, str]:
+    proc = ns.run([sys.executable, "-c", SCRAPE, f"http://127.0.0.1:{port}{path}"])
+    code, _, body = proc.stdout.partition("\n")
+    return int(code), body
+
+
+def _metric(body: str, name: str) -> float:
+    """Sum of every sample of ``name`` (any labels)."""
+    values = [float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+              if line.startswith(name) and not line.startswith("#") and line[len(name)] in " {"]
+    assert values, f"{name} not in the scrape"
+    return sum(values)
+
+
+def test_metrics_and_healthz_follow_the_faults(ns: Netns, tmp_path: Path, daemons: list[PortguardDaemon]) -> None:
+    """/metrics and /healthz from a running daemon: healthy gauges, repairs counted per reason, 503 while an
+    earlier nft chain shadows the rule, Docker not connected."""
+    d = _start(daemons, ns, tmp_path)
+    code, body = _scrape(ns, "/metrics")
+    assert code == 200
+    assert _metric(body, "portguard_rule_healthy") == 4
+    assert 'portguard_build_info{backend="nftables",version="' in body
+    assert _metric(body, "portguard_docker_connected") == 0
+    assert _metric(body, "portguard_last_successful_sync_timestamp_seconds") > time.time() - 60
+    assert _metric(body, "portguard_sync_duration_seconds_count") >= 1
+    assert _scrape(ns, "/healthz")[0] == 200
+    before = _metric(body, "portguard_repairs_total")
+    delete_rule(ns, "nftables")
+    assert wait_for(lambda: _metric(_scrape(ns, "/metrics")[1], "portguard_repairs_total") == before + 1, 5)
+    assert 'reason="absent"' in _scrape(ns, "/metrics")[1]
+    ns.nft("add table ip early; add chain ip early post { type nat hook postrouting priority 0; }")
+    assert wait_for(lambda: _scrape(ns, "/healthz")[0] == 503, 5)
+    assert _metric(_scrape(ns, "/metrics")[1], "portguard_rule_healthy") == 0
+    ns.nft("delete table ip early")
+    assert wait_for(lambda: _scrape(ns, "/healthz")[0] == 200, 5)
+    assert _metric(_scrape(ns, "/metrics")[1], "portguard_rule_healthy") == 4
+    assert d.proc.poll() is None
+
+
+def test_metrics_endpoint_can_be_turned_off(ns: Netns, tmp_path: Path, daemons: list[PortguardDaemon]) -> None:
+    """metrics.listen = "" serves nothing."""
+    cfg = tmp_path / "pg.toml"
+    cfg.write_text('[metrics]\nlisten = ""\n')
+    _start(daemons, ns, tmp_path, "--config", str(cfg))
+    proc = ns.run([sys.executable, "-c", SCRAPE, "http://127.0.0.1:9640/metrics"], check=False)
+    assert proc.returncode != 0 and "Connection refused" in proc.stderr
+
+
+def test_effect_audit_reports_a_flow_that_left_untranslated(ns: Netns, tmp_path: Path,
+                                                            daemons: list[PortguardDaemon]) -> None:
+    """Rule removed, a connection opened, rule restored without healing: the audit finds that flow, logs it
+    and exports it as portguard_untranslated_flows (the ACL drops, like a NACL: a rejected SYN's conntrack entry
+    would be gone at once)."""
+    acl = AclNetwork(ns, action="DROP")
+    try:
+        cfg = tmp_path / "pg.toml"
+        keep_conntrack_on(ns)
+        cfg.write_text("[daemon]\nconntrack_heal = false\naudit_interval = 0.5\n")
+        d = _start(daemons, ns, tmp_path, "--config", str(cfg))
+        assert _metric(_scrape(ns, "/metrics")[1], "portguard_untranslated_flows") == 0
+        d.send(signal.SIGSTOP)
+        try:
+            delete_rule(ns, "nftables")
+            assert not acl.connect(timeout=2)  # left with its low port: the ACL rejected it
+        finally:
+            d.send(signal.SIGCONT)
+        assert d.wait_event("audit.untranslated", timeout=10), d.log_path.read_text()
+        event = d.named("audit.untranslated")[0]
+        assert event["flows"] >= 1 and "198.51.100.2:8080" in event["first"][0]
+        assert _metric(_scrape(ns, "/metrics")[1], "portguard_untranslated_flows") >= 1
+        assert acl.connect()  # repaired: new connections are translated
+    finally:
+        acl.close()
+
+
+def test_a_no_op_sync_logs_nothing_at_info(ns: Netns, tmp_path: Path, daemons: list[PortguardDaemon]) -> None:
+    """Unrelated ruleset changes trigger syncs that change nothing: not one line at info level or above."""
+    cfg = tmp_path / "pg.toml"
+    cfg.write_text('[log]\nlevel = "info"\n')
+    d = _start(daemons, ns, tmp_path, "--config", str(cfg), env={"PORTGUARD_LOG_LEVEL": "info"})
+    time.sleep(0.5)
+    mark = len(d.events())
+    syncs = _metric(_scrape(ns, "/metrics")[1], "portguard_sync_duration_seconds_count")
+    for i in range(5):
+        ns.nft(f"add table ip unrelated{i}")  # each one is an nf_tables notification, each one a sync request
+    time.sleep(1.0)
+    assert _metric(_scrape(ns, "/metrics")[1], "portguard_sync_duration_seconds_count") > syncs  # syncs did run
+    assert d.events()[mark:] == []
+    assert _healthy(ns, "nftables")

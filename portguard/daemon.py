@@ -141,6 +141,8 @@ class Daemon:
         if report.repaired:
             self.metrics.repaired(report.repaired)
             self._after_repair(report.repaired)
+        elif self._repairs:
+            self._storming(time.monotonic())
         total = len(report.after.statuses)
         if healthy:
             self._set_status(
@@ -156,26 +158,29 @@ class Daemon:
             self._set_status(f"unhealthy: {bad} of {total} rules ({reconciler.backend.name})")
         return healthy
 
+    def _storming(self, now: float) -> bool:
+        """Forget repairs older than the window; are there still enough for a fight?"""
+        while self._repairs and self._repairs[0] < now - self.cfg.daemon_storm_window:
+            self._repairs.popleft()
+        storming = len(self._repairs) >= self.cfg.daemon_storm_repairs
+        # Another writer fighting us: slow down instead of spinning; back to full speed once calm.
+        slow = max(self.cfg.daemon_min_interval, _STORM_MIN_INTERVAL)
+        self.runner.set_min_interval(slow if storming else self.cfg.daemon_min_interval)
+        return storming
+
     def _after_repair(self, repaired: tuple[tuple[str, Any], ...]) -> None:
         now = time.monotonic()
         window = self.cfg.daemon_storm_window
         self._repairs.append(now)
-        while self._repairs and self._repairs[0] < now - window:
-            self._repairs.popleft()
-        if len(self._repairs) >= self.cfg.daemon_storm_repairs:
-            # Another writer is fighting us: say so loudly, and slow down instead of spinning.
-            self.runner.set_min_interval(max(self.cfg.daemon_min_interval, _STORM_MIN_INTERVAL))
-            if now - self._storm_logged_at >= window:
-                self._storm_logged_at = now
-                self._log.error(
-                    "rule.repair_storm",
-                    repairs=len(self._repairs),
-                    window_s=window,
-                    rules=sorted({name for name, _ in repaired}),
-                    hint="another program keeps removing or overriding portguard's rules",
-                )
-        elif len(self._repairs) <= 1:
-            self.runner.set_min_interval(self.cfg.daemon_min_interval)
+        if self._storming(now) and now - self._storm_logged_at >= window:
+            self._storm_logged_at = now
+            self._log.error(
+                "rule.repair_storm",
+                repairs=len(self._repairs),
+                window_s=window,
+                rules=sorted({name for name, _ in repaired}),
+                hint="another program keeps removing or overriding portguard's rules",
+            )
         if self.cfg.daemon_conntrack_heal:
             try:
                 cleared = heal(self.cfg.families, self.cfg.protocols, self.cfg.source_ports, self.cfg.to_ports)
@@ -233,35 +238,49 @@ class Daemon:
 
     # ---- triggers ----
 
-    def _kernel_watcher(self) -> Callable[[], None] | None:
-        """Start the best change source for this host; returns its stop function."""
+    def _watched_tables(self) -> frozenset[bytes] | None:
+        """Tables whose rule changes can matter (table and chain changes always do)."""
         backend = self.reconciler.backend.name
-        if backend != "iptables-legacy":
-            try:
-                # nftables: only portguard's own table (and any table/chain change); iptables-nft:
-                # the nat table, where Docker's MASQUERADE and portguard's jump compete.
-                tables = frozenset({b"portguard"} if backend == "nftables" else {b"nat"})
-                notifications = NftablesNotifications(lambda _why: self.runner.request(), self._log, tables)
-            except OSError as exc:
-                self._log.warning("kernel.notifications_unavailable", error=str(exc), fallback="poll")
-            else:
-                threading.Thread(target=notifications.run, name="nft-notify", daemon=True).start()
-                return notifications.stop
-        stop = threading.Event()
-        threading.Thread(target=self._poll, args=(stop, backend), name="poll", daemon=True).start()
-        return stop.set
+        if backend == "nftables":
+            return frozenset({b"portguard"})
+        if backend == "iptables-nft":
+            return frozenset({b"nat"})  # where Docker's MASQUERADE and portguard's jump compete
+        return None
 
-    def _poll(self, stop: threading.Event, backend: str) -> None:
+    def _kernel_watcher(self) -> Callable[[], None]:
+        """Start the change sources: nf_tables notifications where the kernel has them, and a poll that
+        covers legacy tables (which notify nobody) or a host without notifications.  Both look at the
+        current backend on every event, so a SIGHUP that changes the backend needs no restart."""
+        stop = threading.Event()
+        notifications: NftablesNotifications | None = None
+        try:
+            notifications = NftablesNotifications(lambda _why: self.runner.request(), self._log,
+                                                  self._watched_tables)
+        except OSError as exc:
+            self._log.warning("kernel.notifications_unavailable", error=str(exc), fallback="poll")
+        else:
+            threading.Thread(target=notifications.run, name="nft-notify", daemon=True).start()
+        threading.Thread(target=self._poll, args=(stop, notifications is not None), name="poll", daemon=True).start()
+
+        def stop_all() -> None:
+            stop.set()
+            if notifications is not None:
+                notifications.stop()
+
+        return stop_all
+
+    def _poll(self, stop: threading.Event, notified: bool) -> None:
         """Legacy tables send no notifications: compare a cheap fingerprint every poll interval."""
-        prints = [LegacyFingerprint(False), LegacyFingerprint(True)] if backend == "iptables-legacy" else []
-        last: list[tuple[int, ...] | None] = [p.read() for p in prints]
+        prints = [LegacyFingerprint(False), LegacyFingerprint(True)]
+        last: list[tuple[int, ...] | None] = [None, None]
         while not stop.wait(self.cfg.daemon_poll_interval):
-            if not prints:
-                self.runner.request()
-                continue
-            now = [p.read() for p in prints]
-            if now != last:
-                last = now
+            backend = self.reconciler.backend.name
+            if backend == "iptables-legacy":
+                now = [p.read() for p in prints]
+                if now != last:
+                    last = now
+                    self.runner.request()
+            elif not notified:
                 self.runner.request()
 
     # ---- life cycle ----
@@ -276,7 +295,7 @@ class Daemon:
         with self._lock:
             self.cfg = cfg
             self._reconciler = reconciler
-        self.runner.set_min_interval(cfg.daemon_min_interval)
+        self.runner.configure(cfg.daemon_min_interval, cfg.daemon_reconcile_interval, cfg.daemon_max_backoff)
         self._log.info("config.reloaded", source=cfg.source, rules=len(reconciler.rules))
         self.runner.request()
 
@@ -328,8 +347,7 @@ class Daemon:
             docker.stop()
             if server is not None:
                 server.shutdown()
-            if stop_kernel:
-                stop_kernel()
+            stop_kernel()
             runner_thread.join(1.0)
             if self._cleanup:
                 with contextlib.suppress(PortguardError):

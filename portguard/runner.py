@@ -117,6 +117,14 @@ class SyncRunner:
         with self._cond:
             self.schedule.min_interval = seconds
 
+    def configure(self, min_interval: float, max_interval: float, max_backoff: float) -> None:
+        """New intervals (a reloaded config); they apply from the next wait on."""
+        with self._cond:
+            self.schedule.min_interval = min_interval
+            self.schedule.max_interval = max_interval
+            self.schedule.max_backoff = max_backoff
+            self._cond.notify()
+
     def loop(self) -> None:
         with self._cond:
             self.schedule.start(self._clock())

@@ -38,6 +38,7 @@ NFT_MSG_NEWGEN = 15
 # relevant: a new base chain elsewhere can shadow portguard's.
 _PER_TABLE = frozenset({6, 8, 9, 11, 12, 14, 18, 20, 22, 24})
 _NLMSG_HDR = struct.Struct("=IHHII")
+_BURST = 64 * 1024
 _NLA_HDR = struct.Struct("=HH")
 
 
@@ -48,7 +49,9 @@ def relevant(data: bytes, tables: frozenset[bytes] | None) -> bool:
     of other tables (Docker's filter rules, for example) are skipped; table and chain changes and
     anything not understood count.  The backstop sync covers whatever a filter could miss.
     """
-    if tables is None:
+    if tables is None or len(data) > _BURST or any(name in data for name in tables):
+        # A burst (a flush of thousands of rules) wants a sync anyway, and parsing it message by
+        # message would delay that sync by the parse time; a watched name anywhere is a quick yes.
         return True
     offset = 0
     while offset + _NLMSG_HDR.size <= len(data):
@@ -74,7 +77,12 @@ def relevant(data: bytes, tables: frozenset[bytes] | None) -> bool:
 class NftablesNotifications:
     """Requests a sync on every burst of nf_tables change notifications that could matter."""
 
-    def __init__(self, request: Callable[[str], None], log: Logger, tables: frozenset[bytes] | None = None) -> None:
+    def __init__(
+        self,
+        request: Callable[[str], None],
+        log: Logger,
+        tables: Callable[[], frozenset[bytes] | None] = lambda: None,
+    ) -> None:
         self._request = request
         self._log = log
         self._tables = tables
@@ -109,7 +117,7 @@ class NftablesNotifications:
                 # Overrun or a lost subscription: changes may have been missed; sync.
                 self._request("kernel.overrun")
                 continue
-            if data and relevant(data, self._tables):
+            if data and relevant(data, self._tables()):
                 self._request("kernel.nftables")
         self._sock.close()
 

@@ -35,6 +35,13 @@ def test_rules_of_a_watched_table_and_any_table_or_chain_change_count() -> None:
     assert relevant(_msg(NEWTABLE, b"anything"), ONLY_OURS)
 
 
+def test_a_burst_counts_without_being_parsed() -> None:
+    """A chunk beyond 64 KiB (a flush of many rules) requests a sync even if it only names other tables."""
+    burst = _msg(DELRULE, b"filter") * 3000
+    assert len(burst) > 64 * 1024 and relevant(burst, ONLY_OURS)
+    assert not relevant(_msg(DELRULE, b"filter") * 100, ONLY_OURS)
+
+
 def test_without_a_filter_and_on_malformed_input_everything_counts() -> None:
     """No table set: every chunk is relevant; a header claiming a length below its own size is not guessed at."""
     assert relevant(_msg(NEWRULE, b"filter"), None)

@@ -213,8 +213,9 @@ def run_demo(*, as_json: bool, out: Callable[[str], None] = print) -> int:
                     "Docker's MASQUERADE now runs first")
                 lab.ns(lab.host, "iptables-nft", "-t", "nat", "-D", "POSTROUTING", "-p", "tcp", "-m", "tcp",
                        "--sport", "32768:61000", "-j", "MASQUERADE", "--to-ports", "49152-61000")
-            env = {**os.environ, "DOCKER_HOST": lab.docker_host, "PORTGUARD_LOG_FORMAT": "json"}
-            env = {k: v for k, v in env.items() if not k.startswith("PORTGUARD_") or k == "PORTGUARD_LOG_FORMAT"}
+            # the demo shows the defaults, whatever this host's own configuration says
+            env = {k: v for k, v in os.environ.items() if not k.startswith("PORTGUARD_")}
+            env.update(DOCKER_HOST=lab.docker_host, PORTGUARD_LOG_FORMAT="json", PORTGUARD_CONFIG="/dev/null")
             log = (lab.tmp / "portguard.log").open("wb")
             lab.spawn(["ip", "netns", "exec", lab.host, sys.executable, "-m", "portguard", "run"], stdout=log,
                       stderr=subprocess.STDOUT, env=env)

@@ -29,7 +29,8 @@ class PortguardDaemon:
         self.notify.settimeout(0.2)
         self.notes: list[str] = []
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("PORTGUARD_")}
-        full_env.update({"NOTIFY_SOCKET": sock_path, "PORTGUARD_LOG_LEVEL": "debug"})
+        # PORTGUARD_CONFIG: hermetic, never the host's /etc/portguard/portguard.toml
+        full_env.update({"NOTIFY_SOCKET": sock_path, "PORTGUARD_LOG_LEVEL": "debug", "PORTGUARD_CONFIG": "/dev/null"})
         if watchdog_usec:
             full_env["WATCHDOG_USEC"] = str(watchdog_usec)
         full_env.update(env or {})

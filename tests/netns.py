@@ -63,6 +63,7 @@ class Netns:
         self, *args: str, env: dict[str, str] | None = None, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("PORTGUARD_")}
+        full_env["PORTGUARD_CONFIG"] = "/dev/null"  # hermetic: never the host's /etc/portguard/portguard.toml
         full_env.update(env or {})
         return self.run([sys.executable, "-m", "portguard", *args], check=False, env=full_env, timeout=timeout)
 

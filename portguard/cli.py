@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -82,6 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+CAP_NET_ADMIN = 12
+NEEDS_NET_ADMIN = ("apply", "check", "remove", "run", "doctor", "demo")
+
+
+def has_net_admin(status: Path = Path("/proc/self/status")) -> bool:
+    """Is CAP_NET_ADMIN in this process's effective set (root, or granted by systemd/docker)?"""
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    except (OSError, ValueError):
+        pass
+    return os.geteuid() == 0
+
+
 def _config(args: argparse.Namespace) -> Config:
     overrides = {"backend": args.backend, "log.format": args.log_format, "log.level": args.log_level}
     return load_config(args.config, overrides=overrides)
@@ -93,6 +109,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = _config(args)
     except ConfigError as exc:
         sys.stderr.write(f"portguard: error: {exc}\n")
+        return EXIT_ERROR
+    if args.command in NEEDS_NET_ADMIN and not has_net_admin():
+        sys.stderr.write(
+            f"portguard: error: {args.command} needs CAP_NET_ADMIN to read netfilter tables; run it as root\n"
+        )
         return EXIT_ERROR
     log = configure_logging(cfg.log_format, cfg.log_level, sys.stdout if args.command == "run" else sys.stderr)
     try:

@@ -59,15 +59,11 @@ class XRule:
         return is_mark(self.comment)
 
 
-def _iface(name: str) -> str:
-    return name  # iptables' own wildcard is a trailing '+', the config's syntax too
-
-
 def rule_spec(rule: Rule) -> str:
     """The rule as ``iptables -S`` prints it (without ``-A PORTGUARD``)."""
     parts: list[str] = []
     if rule.out_interface:
-        parts += ["-o", _iface(rule.out_interface)]
+        parts += ["-o", rule.out_interface]  # the config's trailing '+' is iptables' own wildcard
     if rule.protocol:
         parts += ["-p", rule.protocol.value]
         if rule.sport:

@@ -241,3 +241,13 @@ def test_missing_tools_are_one_line_naming_the_package(ns: Netns) -> None:
         "portguard: error: backend iptables-nft: iptables-nft, iptables-nft-restore not found; "
         "install the 'iptables' package"
     )
+
+
+def test_without_cap_net_admin_commands_say_so_in_one_line(ns: Netns) -> None:
+    """An unprivileged check is one clear line and exit 2; render needs no privilege."""
+    argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "portguard"]
+    proc = ns.run([*argv, "check"], check=False, env={"PORTGUARD_CONFIG": "/dev/null", "PATH": "/usr/sbin:/usr/bin"})
+    assert proc.returncode == 2
+    assert proc.stderr == "portguard: error: check needs CAP_NET_ADMIN to read netfilter tables; run it as root\n"
+    shown = ns.run([*argv, "render", "--backend", "nftables"], check=False, env={"PORTGUARD_CONFIG": "/dev/null"})
+    assert shown.returncode == 0 and shown.stdout.startswith("table inet portguard {")

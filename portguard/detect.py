@@ -13,10 +13,10 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from portguard.backends import Backend, make_backend
+from portguard.backends.xtables import legacy_nat_registered
 from portguard.errors import FatalError
 
 __all__ = ["Selection", "docker_firewall_driver", "docker_iptables_flavour", "select_backend"]
@@ -24,17 +24,10 @@ __all__ = ["Selection", "docker_firewall_driver", "docker_iptables_flavour", "se
 AUTO_ORDER = ("nftables", "iptables-nft", "iptables-legacy")
 
 
-def _legacy_nat_registered(names: Path = Path("/proc/net/ip_tables_names")) -> bool:
-    try:
-        return "nat" in names.read_text().split()
-    except OSError:
-        return False
-
-
 def _postrouting_count(flavour: str) -> int | None:
     """Rules in ``flavour``'s nat POSTROUTING if it has a DOCKER chain, else None."""
     tool = f"iptables-{flavour}"
-    if not shutil.which(tool) or (flavour == "legacy" and not _legacy_nat_registered()):
+    if not shutil.which(tool) or (flavour == "legacy" and not legacy_nat_registered()):
         return None
     try:
         probe = subprocess.run(

@@ -14,7 +14,6 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from portguard.backends import xtables
@@ -26,7 +25,6 @@ __all__ = ["IptablesLegacyBackend"]
 
 _LOCK_WAIT = 2.0
 _COMMIT_ATTEMPTS = 3
-_NAMES = {Family.IPV4: "/proc/net/ip_tables_names", Family.IPV6: "/proc/net/ip6_tables_names"}
 
 
 def _lockfile() -> str:
@@ -85,11 +83,7 @@ class IptablesLegacyBackend:
 
     @staticmethod
     def _has_nat(family: Family) -> bool:
-        # Touching a legacy table through libiptc loads and registers it; check first.
-        try:
-            return "nat" in Path(_NAMES[family]).read_text().split()
-        except OSError:
-            return False
+        return xtables.legacy_nat_registered(family)
 
     def _table(self, family: Family) -> Any:
         iptc = self._iptc()

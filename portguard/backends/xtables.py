@@ -18,6 +18,7 @@ import hashlib
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from portguard.backends.base import Observation, RuleStatus, State
 from portguard.rules import MARK_PREFIX, Action, Family, Rule, is_mark
@@ -30,6 +31,7 @@ __all__ = [
     "assess",
     "decides_nat",
     "jump_spec",
+    "legacy_nat_registered",
     "parse_rule",
     "render_restore",
     "rule_spec",
@@ -238,6 +240,18 @@ def removal_plan(postrouting: Sequence[XRule], chain: Sequence[XRule] | None) ->
 
 def full_plan() -> Plan:
     return Plan(rewrite_chain=True, delete_postrouting=(), insert_jump=True)
+
+
+_TABLE_NAMES = {Family.IPV4: Path("/proc/net/ip_tables_names"), Family.IPV6: Path("/proc/net/ip6_tables_names")}
+
+
+def legacy_nat_registered(family: Family = Family.IPV4) -> bool:
+    """Does this namespace have a legacy nat table?  Ask before touching one: libiptc, ``iptables-legacy``
+    and even IPT_SO_GET_INFO register a missing table, which reorders the NAT hooks (FACTS.md)."""
+    try:
+        return "nat" in _TABLE_NAMES[family].read_text().split()
+    except OSError:
+        return False
 
 
 def by_family(rules: Sequence[Rule]) -> dict[Family, list[Rule]]:

@@ -18,9 +18,10 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
+from portguard.backends.xtables import legacy_nat_registered
 from portguard.logs import Logger
+from portguard.rules import Family
 
 __all__ = ["LegacyFingerprint", "NftablesNotifications", "relevant"]
 
@@ -154,16 +155,11 @@ class LegacyFingerprint:
     def __init__(self, ipv6: bool = False) -> None:
         self._family = socket.AF_INET6 if ipv6 else socket.AF_INET
         self._level = socket.IPPROTO_IPV6 if ipv6 else socket.IPPROTO_IP
-        self._names = Path("/proc/net/ip6_tables_names" if ipv6 else "/proc/net/ip_tables_names")
+        self._table_family = Family.IPV6 if ipv6 else Family.IPV4
 
     def read(self) -> tuple[int, ...] | None:
         """The fingerprint, or None when there is no legacy nat table."""
-        # Asking the kernel about a table it has not registered in this namespace registers it
-        # (and so reorders NAT hooks): look at the names first.
-        try:
-            if "nat" not in self._names.read_text().split():
-                return None
-        except OSError:
+        if not legacy_nat_registered(self._table_family):
             return None
         with socket.socket(self._family, socket.SOCK_RAW, socket.IPPROTO_RAW) as sock:
             info = _GetInfo(name=b"nat")

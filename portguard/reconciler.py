@@ -18,6 +18,7 @@ from portguard.rules import Rule
 __all__ = ["Reconciler", "SyncReport"]
 
 _WRITE_ATTEMPTS = 3
+_VERIFY_ROUNDS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,19 +65,31 @@ class Reconciler:
         before = self.observe()
         if not before.needs_write:
             return SyncReport(before, before, False, (self._clock() - start) * 1000)
+        seen: Observation | None = before
+        for _ in range(_VERIFY_ROUNDS):
+            self._write(seen)
+            after = self.observe()
+            if not after.needs_write:
+                break
+            # Another writer changed the table again right after ours (an iptables-restore of several
+            # tables commits one table at a time): write again at once, with what we see now.  A
+            # writer that keeps going wins these rounds and the runner's backoff takes over.
+            self._log.debug("sync.overwritten", states={s.rule.name: s.state.value for s in after.statuses})
+            seen = after
+        report = SyncReport(before, after, True, (self._clock() - start) * 1000)
+        self._report(report)
+        return report
+
+    def _write(self, seen: Observation | None) -> None:
         for attempt in range(_WRITE_ATTEMPTS):
             try:
-                self.backend.ensure(self.rules, before if attempt == 0 else None)
-                break
+                self.backend.ensure(self.rules, seen if attempt == 0 else None)
+                return
             except RetryableError as exc:
                 if attempt + 1 == _WRITE_ATTEMPTS:
                     raise
                 self._log.debug("sync.retry", error=str(exc), attempt=attempt + 1)
                 self._sleep(0.05 * 2**attempt)
-        after = self.observe()
-        report = SyncReport(before, after, True, (self._clock() - start) * 1000)
-        self._report(report)
-        return report
 
     def _report(self, report: SyncReport) -> None:
         took = round(report.took_ms, 1)

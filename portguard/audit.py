@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import shutil
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from portguard.conntrack import Flow, parse_flows
-from portguard.rules import Family, PortRange, Protocol
+from portguard.conntrack import Flow
+from portguard.rules import PortRange
 
 __all__ = ["Route", "audit", "in_scope", "read_routes", "unprotected"]
 
@@ -75,18 +74,7 @@ def read_routes() -> list[Route]:
     return routes
 
 
-def audit(families: Sequence[Family], protocols: Sequence[Protocol], *, source: PortRange, target: PortRange,
-          interfaces: Sequence[str], excluded: Sequence[str]) -> list[Flow]:
-    """Read conntrack and the routing table; return the unprotected flows."""
-    tool = shutil.which("conntrack")
-    if tool is None:
-        return []
-    routes = read_routes()
-    found: list[Flow] = []
-    for family in families:
-        for proto in protocols:
-            listing = subprocess.run([tool, "-L", "-f", family.value, "-p", proto.value], capture_output=True,
-                                     text=True, timeout=30, check=False)
-            found += unprotected(parse_flows(listing.stdout), routes, source=source, target=target,
-                                 interfaces=interfaces, excluded=excluded)
-    return found
+def audit(flows: Sequence[Flow], *, source: PortRange, target: PortRange, interfaces: Sequence[str],
+          excluded: Sequence[str]) -> list[Flow]:
+    """The unprotected flows among ``flows`` (from conntrack), scoped with this host's routing table."""
+    return unprotected(flows, read_routes(), source=source, target=target, interfaces=interfaces, excluded=excluded)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from portguard.rules import Family, PortRange, Protocol
 
-__all__ = ["Flow", "heal", "parse_flows", "untranslated"]
+__all__ = ["Flow", "heal", "list_flows", "parse_flows", "untranslated"]
 
 _KV = re.compile(r"(\w+)=(\S+)")
 _STATE = re.compile(r"[A-Z][A-Z_]+[A-Z]")  # SYN_SENT, ESTABLISHED, ... (flags are bracketed)
@@ -94,21 +94,36 @@ def untranslated(flows: Sequence[Flow], source: PortRange, target: PortRange) ->
     ]
 
 
+def _tool() -> str | None:
+    return shutil.which("conntrack")
+
+
+def list_flows(families: Sequence[Family], protocols: Sequence[Protocol], *, state: str | None = None) -> list[Flow]:
+    """Conntrack entries of the given families and protocols (``conntrack -L``, one call per pair)."""
+    tool = _tool()
+    if tool is None:
+        return []
+    flows: list[Flow] = []
+    for family in families:
+        for proto in protocols:
+            argv = [tool, "-L", "-f", family.value, "-p", proto.value]
+            if state and proto is Protocol.TCP:
+                argv += ["--state", state]
+            listing = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+            flows += parse_flows(listing.stdout)
+    return flows
+
+
 def heal(families: Sequence[Family], protocols: Sequence[Protocol], source: PortRange, target: PortRange) -> int:
     """Delete the untranslated, unreplied entries; returns how many went."""
-    tool = shutil.which("conntrack")
+    tool = _tool()
     if tool is None:
         return 0
     cleared = 0
     for family in families:
-        for proto in protocols:
-            argv = [tool, "-L", "-f", family.value, "-p", proto.value]
-            if proto is Protocol.TCP:
-                argv += ["--state", "SYN_SENT"]
-            listing = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
-            for flow in untranslated(parse_flows(listing.stdout), source, target):
-                done = subprocess.run(
-                    [tool, "-D", "-f", family.value, *flow.delete_args()], capture_output=True, timeout=30, check=False
-                )
-                cleared += done.returncode == 0
+        for flow in untranslated(list_flows([family], protocols, state="SYN_SENT"), source, target):
+            done = subprocess.run(
+                [tool, "-D", "-f", family.value, *flow.delete_args()], capture_output=True, timeout=30, check=False
+            )
+            cleared += done.returncode == 0
     return cleared

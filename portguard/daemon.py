@@ -25,7 +25,7 @@ from typing import Any
 from portguard import __version__
 from portguard.audit import audit
 from portguard.config import Config, desired_rules
-from portguard.conntrack import heal
+from portguard.conntrack import heal, list_flows
 from portguard.detect import select_backend
 from portguard.errors import ConfigError, FatalError, PortguardError, RetryableError
 from portguard.logs import Logger
@@ -90,6 +90,7 @@ class Daemon:
         self._last_watchdog = 0.0
         self._last_beat = time.monotonic()
         self._last_ok: float | None = None  # monotonic time of the last sync that ended healthy
+        self._last_healthy = False  # did the last sync end healthy
         self._status = "starting"
         self._audit_count = 0
         self.runner_heartbeat = min(5.0, self._notify.watchdog_interval or 5.0)
@@ -135,6 +136,7 @@ class Daemon:
             self._set_status("retrying after an internal error")
             return False
         healthy = not report.after.needs_write
+        self._last_healthy = healthy
         self.metrics.observed(report.after, ok=healthy, seconds=time.perf_counter() - started, now=time.time())
         if healthy:
             self._last_ok = time.monotonic()
@@ -213,7 +215,7 @@ class Daemon:
         now = time.monotonic()
         alive = now - self._last_beat <= max(10.0, 2 * self.runner_heartbeat)
         recent = self._last_ok is not None and now - self._last_ok <= 2 * self.cfg.daemon_reconcile_interval + 30
-        return alive and recent and self._status.startswith("healthy")
+        return alive and recent and self._last_healthy
 
     def _audit_loop(self, stop: threading.Event) -> None:
         """The effect audit: flows that left with a matched but untranslated port."""
@@ -224,7 +226,7 @@ class Daemon:
     def audit_once(self) -> int:
         cfg = self.cfg
         try:
-            flows = audit(cfg.families, cfg.protocols, source=cfg.source_ports, target=cfg.to_ports,
+            flows = audit(list_flows(cfg.families, cfg.protocols), source=cfg.source_ports, target=cfg.to_ports,
                           interfaces=cfg.egress_interfaces, excluded=cfg.egress_exclude_interfaces)
         except (OSError, TimeoutError) as exc:
             self._log.warning("audit.failed", error=str(exc))

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import collections
 import json
-import shutil
-import subprocess
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from portguard.audit import audit
 from portguard.config import Config, desired_rules
-from portguard.conntrack import Flow, parse_flows
+from portguard.conntrack import Flow, list_flows
 from portguard.detect import docker_firewall_driver, docker_iptables_flavour, select_backend
 from portguard.reconciler import Reconciler
 from portguard.rules import PortRange
@@ -79,7 +78,7 @@ def _local_range(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) ->
     return PortRange(low, high)
 
 
-def run_doctor(cfg: Config, *, list_flows: Callable[[], list[Flow]] | None = None) -> Report:
+def run_doctor(cfg: Config) -> Report:
     report = Report()
     selection = select_backend(cfg.backend, docker_host=cfg.docker_host)
     report.backend, report.backend_reason = selection.backend.name, selection.reason
@@ -100,7 +99,8 @@ def run_doctor(cfg: Config, *, list_flows: Callable[[], list[Flow]] | None = Non
 
     # The rules, and everything that decides NAT before them.
     rules = desired_rules(cfg)
-    obs = Reconciler(selection.backend, rules, _quiet(), conflicts=selection.conflicts).observe()
+    log = structlog.get_logger("portguard.doctor")
+    obs = Reconciler(selection.backend, rules, log, conflicts=selection.conflicts).observe()
     report.facts["rules"] = {s.rule.name: s.state.value for s in obs.statuses}
     for s in obs.statuses:
         if s.state.value != "healthy":
@@ -119,7 +119,8 @@ def run_doctor(cfg: Config, *, list_flows: Callable[[], list[Flow]] | None = Non
                        f"source_ports {cfg.source_ports}: connections from those ports leave untranslated")
 
     # Capacity of the target range, and its current use from conntrack.
-    flows = (list_flows or _all_flows)()
+    # One read of conntrack serves the capacity figure and the effect audit.
+    flows = list_flows(cfg.families, cfg.protocols)
     used, dest = capacity_use(flows, cfg.to_ports)
     size = cfg.to_ports.size
     report.facts["capacity"] = {"ports": size, "max_in_use": used, "destination": dest}
@@ -128,27 +129,13 @@ def run_doctor(cfg: Config, *, list_flows: Callable[[], list[Flow]] | None = Non
                f"destination; most in use: {used}" + (f" towards {dest}" if dest else ""))
 
     # The effect audit.
-    untranslated = audit(cfg.families, cfg.protocols, source=cfg.source_ports, target=cfg.to_ports,
-                         interfaces=cfg.egress_interfaces, excluded=cfg.egress_exclude_interfaces)
+    untranslated = audit(flows, source=cfg.source_ports, target=cfg.to_ports, interfaces=cfg.egress_interfaces,
+                         excluded=cfg.egress_exclude_interfaces)
     report.facts["untranslated_flows"] = len(untranslated)
     if untranslated:
         sample = ", ".join(f"{f.protocol} {f.src}:{f.sport} -> {f.dst}:{f.dport}" for f in untranslated[:3])
         report.add("audit", "risk", f"{len(untranslated)} flows left with an untranslated source port: {sample}")
     return report
-
-
-def _all_flows() -> list[Flow]:
-    tool = shutil.which("conntrack")
-    if tool is None:
-        return []
-    proc = subprocess.run([tool, "-L"], capture_output=True, text=True, timeout=30, check=False)
-    return parse_flows(proc.stdout)
-
-
-def _quiet() -> Any:
-    import structlog
-
-    return structlog.get_logger("portguard.doctor")
 
 
 def render(report: Report, *, as_json: bool) -> str:

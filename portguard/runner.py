@@ -52,10 +52,8 @@ class Schedule:
         """When to look again: the earliest of every deadline, respecting the minimum interval."""
         if self.due(now):
             return max(now, self.last_run + self.min_interval)
-        candidates = [self.next_periodic, *self.later]
-        if self.retry_at is not None:
-            candidates = [self.retry_at]
-        return max(min(candidates), self.last_run + self.min_interval)
+        deadline = self.retry_at if self.retry_at is not None else min([self.next_periodic, *self.later])
+        return max(deadline, self.last_run + self.min_interval)
 
     def begin(self, now: float) -> None:
         """A sync starts now: it covers every request made so far."""

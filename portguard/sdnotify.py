@@ -20,10 +20,6 @@ class Notifier:
         mine = not pid or pid == str(os.getpid())
         self.watchdog_interval = int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 and mine else None
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self._addr)
-
     def send(self, *fields: str) -> None:
         if not self._addr:
             return

@@ -81,10 +81,6 @@ class IptablesLegacyBackend:
 
     # ---- reading ----
 
-    @staticmethod
-    def _has_nat(family: Family) -> bool:
-        return xtables.legacy_nat_registered(family)
-
     def _table(self, family: Family) -> Any:
         iptc = self._iptc()
         table = iptc.Table(iptc.Table.NAT) if family is Family.IPV4 else iptc.Table6(iptc.Table6.NAT)
@@ -136,14 +132,15 @@ class IptablesLegacyBackend:
         return xtables.XRule(chain, " ".join(parts), comment, target, proto, out_if)
 
     def _assess(self, family: Family, rules: Sequence[Rule]) -> Observation:
-        if not self._has_nat(family):
+        if not xtables.legacy_nat_registered(family):
             return xtables.assess(self.name, rules, [], None)[0]
         postrouting, chain = self._read(self._table(family))
         return xtables.assess(self.name, rules, [x for x, _ in postrouting], chain)[0]
 
     def observe(self, rules: Sequence[Rule]) -> Observation:
         grouped = xtables.by_family(rules)
-        parts = [self._assess(f, grouped.get(f, [])) for f in Family if f in grouped or self._has_nat(f)]
+        families = [f for f in Family if f in grouped or xtables.legacy_nat_registered(f)]
+        parts = [self._assess(f, grouped.get(f, [])) for f in families]
         return xtables.merge(self.name, parts)
 
     # ---- writing ----
@@ -227,11 +224,11 @@ class IptablesLegacyBackend:
         for family in Family:
             if family in grouped:
                 self._commit_family(family, grouped[family], remove=False)
-            elif self._has_nat(family):
+            elif xtables.legacy_nat_registered(family):
                 self._commit_family(family, [], remove=True)
 
     def remove(self) -> int:
-        return sum(self._commit_family(f, [], remove=True) for f in Family if self._has_nat(f))
+        return sum(self._commit_family(f, [], remove=True) for f in Family if xtables.legacy_nat_registered(f))
 
     def render(self, rules: Sequence[Rule]) -> str:
         out = []

@@ -3,13 +3,30 @@
 #     --restart unless-stopped -v /var/run:/host-run:ro -e DOCKER_HOST=unix:///host-run/docker.sock portguard
 #
 # Build arguments exist for offline builds (the test suite has no registry): BASE is any Debian
-# bookworm-like image, APT_PACKAGES may be emptied when BASE already carries them, PIP_ARGS can
-# point pip at local wheels. The default build is the normal one.
+# bookworm-like image with python3-venv, APT_PACKAGES may be emptied when BASE already carries them,
+# PIP_ARGS can point pip at local wheels. The default build is the normal one.
 ARG BASE=python:3.11-slim-bookworm
-FROM ${BASE}
 
-ARG APT_PACKAGES="iptables nftables conntrack"
+# ---- build: the virtual environment, from the source tree (which stays in this stage) ----
+FROM ${BASE} AS build
 ARG PIP_ARGS=""
+COPY . /src
+# hadolint ignore=DL3013
+RUN python3 -m venv /opt/portguard \
+    && /opt/portguard/bin/pip install --no-cache-dir --disable-pip-version-check $PIP_ARGS /src \
+    && /opt/portguard/bin/python -m pip uninstall --yes --quiet pip setuptools wheel
+
+# ---- final: the base, the netfilter tools, the environment; no source tree, no pip ----
+FROM ${BASE}
+ARG APT_PACKAGES="iptables nftables conntrack"
+ARG VERSION=0.2.0
+ARG SOURCE_URL=""
+
+LABEL org.opencontainers.image.title="portguard" \
+      org.opencontainers.image.description="Keeps source ports of outgoing connections inside a stateless ACL's range on Docker hosts, and changes nothing else" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.source="${SOURCE_URL}"
 
 # Both iptables flavours (iptables-nft, iptables-legacy), libnftables and conntrack; portguard
 # detects which one the host uses. Versions follow the base image's release.
@@ -17,14 +34,10 @@ ARG PIP_ARGS=""
 RUN if [ -n "$APT_PACKAGES" ]; then \
         apt-get update \
         && apt-get install -y --no-install-recommends $APT_PACKAGES \
-        && rm -rf /var/lib/apt/lists/*; \
+        && rm -rf /var/lib/apt/lists/* /usr/share/doc /usr/share/man; \
     fi
 
-COPY . /src
-# hadolint ignore=DL3013
-RUN python3 -m venv /opt/portguard \
-    && /opt/portguard/bin/pip install --no-cache-dir --disable-pip-version-check $PIP_ARGS /src \
-    && rm -rf /src
+COPY --from=build /opt/portguard /opt/portguard
 
 ENV PATH="/opt/portguard/bin:${PATH}" \
     PYTHONUNBUFFERED=1 \

@@ -16,15 +16,8 @@ from typing import Any
 
 from portguard import __version__
 from portguard.backends import Observation, State
-from portguard.config import (
-    BACKENDS,
-    LOG_FORMATS,
-    LOG_LEVELS,
-    Config,
-    desired_rules,
-    load_config,
-    narrow_target_warning,
-)
+from portguard.config import BACKENDS, LOG_FORMATS, LOG_LEVELS, Config, load_config, narrow_target_warning
+from portguard.desired import desired_rules
 from portguard.errors import ConfigError, PortguardError
 from portguard.logs import Logger, configure_logging
 
@@ -80,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "install-systemd":
             p.add_argument("--root", type=Path, default=Path("/"), help="install below this directory")
             p.add_argument("--exec", dest="exec_path", default=None, help="ExecStart program (default: this portguard)")
+            p.add_argument("--force", action="store_true", help="replace a unit that was edited")
     return parser
 
 
@@ -129,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
 
 
-def _dispatch(args: argparse.Namespace, cfg: Config, log: Logger) -> int:  # noqa: PLR0911  # one return per command
+def _dispatch(args: argparse.Namespace, cfg: Config, log: Logger) -> int:  # one return per command
     if args.command == "demo":
         from portguard.demo import run_demo
 
@@ -137,8 +131,8 @@ def _dispatch(args: argparse.Namespace, cfg: Config, log: Logger) -> int:  # noq
     if args.command == "install-systemd":
         from portguard.install import install_systemd
 
-        for path in install_systemd(args.root, args.exec_path):
-            print(f"installed {path}")
+        for line in install_systemd(args.root, args.exec_path, force=args.force):
+            print(line)
         return EXIT_OK
     warning = narrow_target_warning(cfg)
     if warning and args.command in ("apply", "run"):
@@ -153,36 +147,63 @@ def _dispatch(args: argparse.Namespace, cfg: Config, log: Logger) -> int:  # noq
         from portguard.daemon import run_daemon
 
         return run_daemon(cfg, log, cleanup_on_exit=args.cleanup_on_exit, reload_config=lambda: _config(args))
+    return _netfilter_command(args, cfg, log)
 
+
+def _netfilter_command(args: argparse.Namespace, cfg: Config, log: Logger) -> int:
+    """apply, check, remove and render: one backend, the desired rules, one reconciler."""
     from portguard.detect import select_backend
     from portguard.reconciler import Reconciler
+    from portguard.watch.docker import read_networks
 
-    rules = desired_rules(cfg)
+    networks = read_networks(cfg.docker_host) or ()
     if args.command == "render" and cfg.backend != "auto":
         from portguard.backends import make_backend
 
-        print(make_backend(cfg.backend).render(rules), end="")
+        print(make_backend(cfg.backend).render(desired_rules(cfg, networks)), end="")
         return EXIT_OK
     selection = select_backend(cfg.backend, docker_host=cfg.docker_host)
     for why in selection.skipped:
         log.info("backend.skipped", reason=why)
     log.debug("backend.selected", backend=selection.backend.name, reason=selection.reason)
-    reconciler = Reconciler(selection.backend, rules, log, conflicts=selection.conflicts)
+    backend = selection.backend
+    families = [f for f in cfg.families if f in backend.families()] if args.command != "render" else cfg.families
+    for missing in (f for f in cfg.families if f not in families):
+        log.warning("family.unavailable", family=missing.value, backend=backend.name,
+                    detail="this host cannot translate it with this backend; the other families stay enforced")
+    rules = desired_rules(cfg, networks, families)
+    reconciler = Reconciler(backend, rules, log, conflicts=selection.conflicts)
     if args.command == "render":
-        print(selection.backend.render(rules), end="")
+        print(backend.render(rules), end="")
         return EXIT_OK
     if args.command == "remove":
         reconciler.remove()
         return EXIT_OK
     if args.command == "apply":
-        report = reconciler.sync()
-        _print_report(report.after, as_json=False)
-        return EXIT_OK if report.after.healthy or not report.after.needs_write else EXIT_ERROR
+        return _apply(reconciler)
     obs = reconciler.observe()
+    if args.command == "check":
+        from portguard.backends.bypass import find_bypasses
+
+        obs = obs.with_environment(obs.conflicts, find_bypasses(families))
     for conflict in obs.conflicts:
         log.warning("backend.conflict", detail=conflict)
     _print_report(obs, as_json=args.json)
     return EXIT_OK if obs.healthy else EXIT_DRIFT
+
+
+def _apply(reconciler: Any) -> int:
+    seen = reconciler.observe()
+    if seen.owner.startswith("another process"):
+        # The running daemon owns the table (nft 'flags owner'): it alone writes; apply only reports.
+        _print_report(seen, as_json=False)
+        print(f"owned by the running portguard daemon ({seen.owner}); apply changes nothing")
+        return EXIT_OK if not seen.needs_write else EXIT_ERROR
+    report = reconciler.sync()
+    _print_report(report.after, as_json=False)
+    if report.after.needs_write:
+        return EXIT_ERROR
+    return EXIT_OK if report.after.healthy else EXIT_DRIFT  # drift that no write of portguard's may fix
 
 
 def _print_report(obs: Observation, *, as_json: bool) -> None:
@@ -195,21 +216,29 @@ def _print_report(obs: Observation, *, as_json: bool) -> None:
                 for s in obs.statuses
             ],
             "stale": list(obs.stale),
+            "standby": list(obs.standby),
             "shadowed_by": list(obs.shadowed_by),
             "conflicts": list(obs.conflicts),
+            "bypasses": list(obs.bypasses),
+            "owner": obs.owner,
         }
         print(json.dumps(doc, indent=2))
         return
     total = len(obs.statuses)
+    owned = f", table owned by {obs.owner}" if obs.owner else ""
     if obs.healthy:
-        print(f"healthy: {total} rules in place and first to decide NAT (backend {obs.backend})")
+        print(f"healthy: {total} rules in place and first to decide NAT (backend {obs.backend}{owned})")
         return
     for s in obs.statuses:
         if s.state is not State.HEALTHY:
             print(f"{s.state.value}: {s.rule.name} ({s.detail})" if s.detail else f"{s.state.value}: {s.rule.name}")
     for obj in obs.stale:
         print(f"stale: {obj}")
+    for item in obs.standby:
+        print(f"standby: {item}")
     for conflict in obs.conflicts:
         print(f"conflict: {conflict}")
+    for bypass in obs.bypasses:
+        print(f"bypass: {bypass}")
     bad = sum(1 for s in obs.statuses if s.state is not State.HEALTHY)
     print(f"drift: {bad} of {total} rules unhealthy, {len(obs.stale)} stale (backend {obs.backend})")

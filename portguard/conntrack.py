@@ -1,11 +1,16 @@
-"""Conntrack healing: drop entries of connections caught while the rule was missing.
+"""Conntrack: streamed reads and batched deletes, bounded in memory and time whatever the table holds.
 
-NAT is decided on a connection's first packet.  A SYN sent while portguard's rule was absent or
-shadowed gets a conntrack entry with its untranslated port; retransmissions reuse that entry,
-so the connection hangs until the SYN_SENT timeout (120 s) although the rule is back.  Deleting
-exactly those entries (still unreplied, original source port in the matched range, reply
-direction showing the port untranslated and outside the target range) lets the next
-retransmission create a new, translated entry.  Established flows are never touched.
+Healing: NAT is decided on a connection's first packet.  A SYN sent while portguard's rule was absent
+or shadowed gets a conntrack entry with its untranslated port; retransmissions reuse that entry, so
+the connection hangs until the SYN_SENT timeout (120 s) although the rule is back.  Deleting exactly
+those entries (still unreplied, original source port in the matched range, reply direction showing
+the port untranslated and outside the target range) lets the next retransmission create a new,
+translated entry.  Established flows are never touched.
+
+Costs (conntrack-tools 1.4.7): ``conntrack -L`` prints about 160 bytes per entry (16 MB for 100,000
+entries), so its output is parsed line by line as it arrives and only matching flows are kept; every
+call is killed after a deadline; N deletions go to one ``conntrack -R -`` process (commands on stdin)
+instead of N ``conntrack -D`` processes.
 """
 
 from __future__ import annotations
@@ -13,15 +18,24 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from portguard.errors import RetryableError
 from portguard.rules import Family, PortRange, Protocol
 
-__all__ = ["Flow", "heal", "list_flows", "parse_flows", "untranslated"]
+__all__ = ["ConntrackError", "Flow", "delete_flows", "heal", "iter_flows", "list_flows", "parse_flow",
+           "parse_flows", "untranslated"]
 
 _KV = re.compile(r"(\w+)=(\S+)")
 _STATE = re.compile(r"[A-Z][A-Z_]+[A-Z]")  # SYN_SENT, ESTABLISHED, ... (flags are bracketed)
+TIMEOUT = 20.0
+MAX_HEAL = 20_000  # entries deleted per pass; the next repair (or audit) takes the rest
+
+
+class ConntrackError(RetryableError):
+    """conntrack could not be read or written this time (slow, missing, killed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,94 +50,128 @@ class Flow:
     reply_dport: int  # the source port the remote side sees
 
     def delete_args(self) -> list[str]:
-        return [
-            "-p",
-            self.protocol,
-            "-s",
-            self.src,
-            "-d",
-            self.dst,
-            "--sport",
-            str(self.sport),
-            "--dport",
-            str(self.dport),
-        ]
+        return ["-p", self.protocol, "-s", self.src, "-d", self.dst, "--sport", str(self.sport),
+                "--dport", str(self.dport)]
+
+
+def parse_flow(line: str) -> Flow | None:
+    """One ``conntrack -L`` line (original tuple first, then the reply tuple); None when it is not one."""
+    words = line.split()
+    proto = next((w for w in words[:3] if w in ("tcp", "udp")), None)
+    pairs = _KV.findall(line)
+    keys = [k for k, _ in pairs]
+    if proto is None or keys.count("sport") < 2 or keys.count("src") < 2:
+        return None
+    orig = dict(pairs[: keys.index("dport") + 1])
+    reply = dict(pairs[keys.index("dport") + 1 :])
+    state = next((w for w in words if _STATE.fullmatch(w)), "")
+    try:
+        return Flow(proto, state, "[UNREPLIED]" in words, orig["src"], orig["dst"], int(orig["sport"]),
+                    int(orig["dport"]), int(reply["dport"]))
+    except (KeyError, ValueError):
+        return None
 
 
 def parse_flows(text: str) -> list[Flow]:
-    """Parse ``conntrack -L`` lines (original tuple first, then the reply tuple)."""
-    flows = []
-    for line in text.splitlines():
-        words = line.split()
-        proto = next((w for w in words if w in ("tcp", "udp")), None)
-        pairs = _KV.findall(line)
-        keys = [k for k, _ in pairs]
-        if proto is None or keys.count("sport") < 2 or keys.count("src") < 2:
-            continue
-        orig = dict(pairs[: keys.index("dport") + 1])
-        rest = pairs[keys.index("dport") + 1 :]
-        reply = dict(rest)
-        state = next((w for w in words if _STATE.fullmatch(w)), "")
-        try:
-            flows.append(
-                Flow(
-                    proto,
-                    state,
-                    "[UNREPLIED]" in words,
-                    orig["src"],
-                    orig["dst"],
-                    int(orig["sport"]),
-                    int(orig["dport"]),
-                    int(reply["dport"]),
-                )
-            )
-        except (KeyError, ValueError):
-            continue
-    return flows
+    return [f for f in map(parse_flow, text.splitlines()) if f is not None]
+
+
+def is_untranslated(f: Flow, source: PortRange, target: PortRange) -> bool:
+    """Left with a matched source port that was not translated and lies outside the target range."""
+    return f.sport in source and f.reply_dport == f.sport and f.sport not in target
 
 
 def untranslated(flows: Sequence[Flow], source: PortRange, target: PortRange) -> list[Flow]:
     """Flows caught in a gap: unreplied, source port matched but left untranslated outside the target."""
-    return [
-        f
-        for f in flows
-        if (f.state == "SYN_SENT" or (f.protocol == "udp" and f.unreplied))
-        and f.sport in source
-        and f.reply_dport == f.sport
-        and f.sport not in target
-    ]
+    return [f for f in flows
+            if (f.state == "SYN_SENT" or (f.protocol == "udp" and f.unreplied)) and is_untranslated(f, source, target)]
 
 
 def _tool() -> str | None:
     return shutil.which("conntrack")
 
 
-def list_flows(families: Sequence[Family], protocols: Sequence[Protocol], *, state: str | None = None) -> list[Flow]:
-    """Conntrack entries of the given families and protocols (``conntrack -L``, one call per pair)."""
+def _argv(tool: str, family: Family, proto: Protocol, state: str | None) -> list[str]:
+    argv = [tool, "-L", "-f", family.value, "-p", proto.value]
+    if state and proto is Protocol.TCP:
+        argv += ["--state", state]
+    return argv
+
+
+def iter_flows(families: Sequence[Family], protocols: Sequence[Protocol], *, state: str | None = None,
+               keep: Callable[[Flow], bool] = lambda _f: True, timeout: float = TIMEOUT) -> Iterator[Flow]:
+    """Stream conntrack entries, yielding those ``keep`` accepts; memory stays flat whatever the table size.
+
+    Raises ConntrackError when conntrack fails or does not finish in ``timeout`` seconds (it is killed).
+    """
     tool = _tool()
     if tool is None:
-        return []
-    flows: list[Flow] = []
+        return
     for family in families:
         for proto in protocols:
-            argv = [tool, "-L", "-f", family.value, "-p", proto.value]
-            if state and proto is Protocol.TCP:
-                argv += ["--state", state]
-            listing = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
-            flows += parse_flows(listing.stdout)
-    return flows
+            yield from _stream(_argv(tool, family, proto, state), keep, timeout)
+
+
+def _stream(argv: list[str], keep: Callable[[Flow], bool], timeout: float) -> Iterator[Flow]:
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1 << 16)
+    except OSError as exc:
+        raise ConntrackError(f"conntrack: {exc.strerror}") from None
+    killed = threading.Event()
+
+    def kill() -> None:
+        killed.set()
+        proc.kill()
+
+    timer = threading.Timer(timeout, kill)
+    timer.daemon = True
+    timer.start()
+    try:
+        for line in proc.stdout or ():
+            flow = parse_flow(line)
+            if flow is not None and keep(flow):
+                yield flow
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        proc.wait()
+    if killed.is_set():
+        raise ConntrackError(f"conntrack -L did not finish within {timeout:.0f} s (killed)")
+
+
+def list_flows(families: Sequence[Family], protocols: Sequence[Protocol], *, state: str | None = None) -> list[Flow]:
+    """Every entry of the given families and protocols (for one-shot commands such as doctor)."""
+    return list(iter_flows(families, protocols, state=state))
+
+
+def delete_flows(flows: Sequence[tuple[Family, Flow]], *, timeout: float = TIMEOUT) -> int:
+    """Delete entries with one ``conntrack -R -`` process; returns how many were asked for when it succeeded."""
+    tool = _tool()
+    if tool is None or not flows:
+        return 0
+    commands = "".join(f"-D -f {family.value} {' '.join(flow.delete_args())}\n" for family, flow in flows)
+    try:
+        proc = subprocess.run([tool, "-R", "-"], input=commands, capture_output=True, text=True, timeout=timeout,
+                              check=False)
+    except subprocess.TimeoutExpired:
+        raise ConntrackError(f"conntrack -R did not finish within {timeout:.0f} s (killed)") from None
+    except OSError as exc:
+        raise ConntrackError(f"conntrack: {exc.strerror}") from None
+    # An entry may be gone already (it timed out or was answered): that line fails, the others still count.
+    failed = sum(1 for line in proc.stderr.splitlines() if "0 flow entries" in line or "No such file" in line)
+    return max(0, len(flows) - failed)
 
 
 def heal(families: Sequence[Family], protocols: Sequence[Protocol], source: PortRange, target: PortRange) -> int:
-    """Delete the untranslated, unreplied entries; returns how many went."""
-    tool = _tool()
-    if tool is None:
-        return 0
-    cleared = 0
+    """Delete the untranslated, unreplied entries (at most MAX_HEAL per call); returns how many went."""
+    stuck: list[tuple[Family, Flow]] = []
     for family in families:
-        for flow in untranslated(list_flows([family], protocols, state="SYN_SENT"), source, target):
-            done = subprocess.run(
-                [tool, "-D", "-f", family.value, *flow.delete_args()], capture_output=True, timeout=30, check=False
-            )
-            cleared += done.returncode == 0
-    return cleared
+        for flow in iter_flows([family], protocols, state="SYN_SENT",
+                               keep=lambda f: bool(untranslated([f], source, target))):
+            stuck.append((family, flow))
+            if len(stuck) >= MAX_HEAL:
+                break
+    return delete_flows(stuck)

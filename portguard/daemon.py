@@ -24,12 +24,15 @@ from typing import Any
 
 from portguard import __version__
 from portguard.audit import audit
-from portguard.config import Config, desired_rules
+from portguard.backends import Backend, make_backend
+from portguard.config import Config
 from portguard.conntrack import heal, list_flows
+from portguard.desired import desired_rules, skipped_networks
 from portguard.detect import select_backend
-from portguard.errors import ConfigError, FatalError, PortguardError, RetryableError
+from portguard.errors import ConfigError, FatalError, PortguardError, RetryableError, UnfixableError
 from portguard.logs import Logger
 from portguard.metrics import Metrics, serve
+from portguard.networks import DockerNetwork
 from portguard.reconciler import Reconciler
 from portguard.runner import Schedule, SyncRunner
 from portguard.sdnotify import Notifier
@@ -39,7 +42,6 @@ from portguard.watch.kernel import LegacyFingerprint, NftablesNotifications
 __all__ = ["Daemon", "run_daemon"]
 
 _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-_STORM_MIN_INTERVAL = 1.0
 
 
 def release_memory() -> None:
@@ -81,6 +83,8 @@ class Daemon:
         self._cleanup = cleanup_on_exit
         self._notify = notifier or Notifier()
         self._lock = threading.Lock()
+        self._networks: tuple[DockerNetwork, ...] = ()
+        self._unfixable = ""  # the last unfixable condition logged, so each change is logged once
         self._reconciler = self._build(cfg)
         self._fatal: PortguardError | None = None
         self._ready = False
@@ -101,15 +105,40 @@ class Daemon:
             heartbeat_interval=self.runner_heartbeat,
         )
 
-    def _build(self, cfg: Config) -> Reconciler:
-        selection = select_backend(cfg.backend, docker_host=cfg.docker_host)
+    def _build(self, cfg: Config, current: Backend | None = None) -> Reconciler:
+        selection = select_backend(cfg.backend, docker_host=cfg.docker_host,
+                                   factory=lambda name: make_backend(name, owner=True))
+        backend = selection.backend
+        if current is not None and current.name == backend.name:
+            # Same backend after a reload: keep the object, its libnftables context owns the table.
+            backend.close()
+            backend = current
         for why in selection.skipped:
             self._log.info("backend.skipped", reason=why)
         for conflict in selection.conflicts:
             self._log.warning("backend.conflict", detail=conflict)
-        self._log.info("backend.selected", backend=selection.backend.name, reason=selection.reason)
-        self.metrics.set_backend(selection.backend.name)
-        return Reconciler(selection.backend, desired_rules(cfg), self._log, conflicts=selection.conflicts)
+        self._log.info("backend.selected", backend=backend.name, reason=selection.reason)
+        self.metrics.set_backend(backend.name)
+        families = [f for f in cfg.families if f in backend.families()]
+        for missing in (f for f in cfg.families if f not in families):
+            self._log.warning("family.unavailable", family=missing.value, backend=backend.name,
+                              detail="this host cannot translate it with this backend; other families stay enforced")
+        rules = desired_rules(cfg, self._networks, families)
+        return Reconciler(backend, rules, self._log, conflicts=selection.conflicts)
+
+    def _families(self, reconciler: Reconciler) -> list[Any]:
+        return sorted({r.family for r in reconciler.rules})
+
+    def set_networks(self, networks: tuple[DockerNetwork, ...]) -> None:
+        """Docker's inventory changed (or was read again): derive the rules; the caller requests the sync."""
+        with self._lock:
+            self._networks = networks
+            reconciler = self._reconciler
+            families = [f for f in self.cfg.families if f in reconciler.backend.families()]
+            changed = reconciler.set_rules(desired_rules(self.cfg, networks, families))
+        if changed:
+            self._log.info("docker.networks", networks=len(networks), rules=len(reconciler.rules),
+                           skipped=skipped_networks(networks))
 
     @property
     def reconciler(self) -> Reconciler:
@@ -123,6 +152,12 @@ class Daemon:
         started = time.perf_counter()
         try:
             report = reconciler.sync()
+        except UnfixableError as exc:
+            # No write of portguard's can fix it: report each change once, keep going at full speed, no backoff.
+            self._last_healthy = False
+            self._report_unfixable(str(exc), reconciler.backend.name)
+            self._set_status(f"unfixable: {exc}")
+            return True
         except RetryableError as exc:
             self._log.warning("sync.failed", error=str(exc), retry=True)
             self._set_status(f"retrying: {exc}")
@@ -135,8 +170,9 @@ class Daemon:
             self._log.error("sync.crashed", exc_info=True)
             self._set_status("retrying after an internal error")
             return False
-        healthy = not report.after.needs_write
+        healthy = report.after.healthy
         self._last_healthy = healthy
+        self._report_unfixable("; ".join(report.after.unfixable), reconciler.backend.name)
         self.metrics.observed(report.after, ok=healthy, seconds=time.perf_counter() - started, now=time.time())
         if healthy:
             self._last_ok = time.monotonic()
@@ -160,15 +196,22 @@ class Daemon:
             self._set_status(f"unhealthy: {bad} of {total} rules ({reconciler.backend.name})")
         return healthy
 
+    def _report_unfixable(self, what: str, backend: str) -> None:
+        """Log an unfixable condition once per change (and its end), never once per sync."""
+        if what == self._unfixable:
+            return
+        if what:
+            self._log.error("rule.unfixable", error=what, backend=backend)
+        else:
+            self._log.info("rule.unfixable_cleared", was=self._unfixable, backend=backend)
+        self._unfixable = what
+
     def _storming(self, now: float) -> bool:
-        """Forget repairs older than the window; are there still enough for a fight?"""
+        """Forget repairs older than the window; are there still enough for a fight?  A fight is reported,
+        never answered by slowing down: a delayed repair is a gap every new connection falls into."""
         while self._repairs and self._repairs[0] < now - self.cfg.daemon_storm_window:
             self._repairs.popleft()
-        storming = len(self._repairs) >= self.cfg.daemon_storm_repairs
-        # Another writer fighting us: slow down instead of spinning; back to full speed once calm.
-        slow = max(self.cfg.daemon_min_interval, _STORM_MIN_INTERVAL)
-        self.runner.set_min_interval(slow if storming else self.cfg.daemon_min_interval)
-        return storming
+        return len(self._repairs) >= self.cfg.daemon_storm_repairs
 
     def _after_repair(self, repaired: tuple[tuple[str, Any], ...]) -> None:
         now = time.monotonic()
@@ -241,13 +284,8 @@ class Daemon:
     # ---- triggers ----
 
     def _watched_tables(self) -> frozenset[bytes] | None:
-        """Tables whose rule changes can matter (table and chain changes always do)."""
-        backend = self.reconciler.backend.name
-        if backend == "nftables":
-            return frozenset({b"portguard"})
-        if backend == "iptables-nft":
-            return frozenset({b"nat"})  # where Docker's MASQUERADE and portguard's jump compete
-        return None
+        """Tables whose rule changes can matter, as the backend says (table and chain changes always do)."""
+        return self.reconciler.backend.watch.nf_tables
 
     def _kernel_watcher(self) -> Callable[[], None]:
         """Start the change sources: nf_tables notifications where the kernel has them, and a poll that
@@ -276,8 +314,7 @@ class Daemon:
         prints = [LegacyFingerprint(False), LegacyFingerprint(True)]
         last: list[tuple[int, ...] | None] = [None, None]
         while not stop.wait(self.cfg.daemon_poll_interval):
-            backend = self.reconciler.backend.name
-            if backend == "iptables-legacy":
+            if self.reconciler.backend.watch.poll_legacy:
                 now = [p.read() for p in prints]
                 if now != last:
                     last = now
@@ -290,7 +327,7 @@ class Daemon:
     def _reload(self) -> None:
         try:
             cfg = self._reload_config()
-            reconciler = self._build(cfg)
+            reconciler = self._build(cfg, current=self.reconciler.backend)
         except (ConfigError, FatalError) as exc:
             self._log.error("config.reload_failed", error=str(exc), kept=self.cfg.source)
             return
@@ -319,6 +356,7 @@ class Daemon:
             docker_host=self.cfg.docker_host,
             max_backoff=self.cfg.daemon_max_backoff,
             on_connection=self._set_docker,
+            on_networks=self.set_networks,
         )
         threading.Thread(target=docker.run, name="docker", daemon=True).start()
         stop_kernel = self._kernel_watcher()
@@ -350,10 +388,14 @@ class Daemon:
             if server is not None:
                 server.shutdown()
             stop_kernel()
-            runner_thread.join(1.0)
+            # The sync in flight finishes first: a write landing after the cleanup would put the rules back.
+            runner_thread.join(60.0)
             if self._cleanup:
                 with contextlib.suppress(PortguardError):
                     self.reconciler.remove()
+            # Closing the libnftables context ends the table's ownership; the kernel deletes the owned table
+            # and the standby keeps the rules in force until the next start (unless cleaned up above).
+            self.reconciler.backend.close()
         self._log.info("daemon.stopped", exit_code=exit_code)
         return exit_code
 

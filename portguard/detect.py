@@ -17,11 +17,12 @@ from typing import Any
 
 from portguard.backends import Backend, make_backend
 from portguard.backends.xtables import legacy_nat_registered
+from portguard.config import BACKEND_NAMES
 from portguard.errors import FatalError
 
-__all__ = ["Selection", "docker_firewall_driver", "docker_iptables_flavour", "select_backend"]
+__all__ = ["Selection", "docker_firewall_driver", "docker_iptables_flavour", "firewall_kind", "select_backend"]
 
-AUTO_ORDER = ("nftables", "iptables-nft", "iptables-legacy")
+AUTO_ORDER = BACKEND_NAMES
 
 
 def _postrouting_count(flavour: str) -> int | None:
@@ -75,6 +76,11 @@ def docker_firewall_driver(docker_host: str = "", timeout: float = 2.0) -> str |
     return str(driver) if driver else None
 
 
+def firewall_kind(driver: str | None) -> str | None:
+    """'nftables+firewalld' and 'iptables+firewalld' (Docker >= 28 under firewalld) are their prefix."""
+    return driver.split("+", 1)[0].strip().lower() or None if driver else None
+
+
 @dataclass(frozen=True, slots=True)
 class Selection:
     backend: Backend
@@ -123,7 +129,7 @@ def select_backend(
                 f"Docker writes iptables-{flavour} but backend {requested} was forced: NAT tables of "
                 f"different flavours run in registration order, so Docker's MASQUERADE may decide first",
             )
-        if firewall == "nftables":
+        if firewall_kind(firewall) == "nftables":
             conflicts += (f"Docker writes native nftables but backend {requested} was forced",)
         return Selection(backend, f"forced by configuration ({requested})", flavour, firewall, conflicts, ())
     order = [f"iptables-{flavour}"] if flavour else []

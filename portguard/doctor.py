@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,16 @@ from typing import Any
 import structlog
 
 from portguard.audit import audit
-from portguard.config import Config, desired_rules
+from portguard.backends import Observation
+from portguard.backends.bypass import find_bypasses
+from portguard.config import Config
 from portguard.conntrack import Flow, list_flows
-from portguard.detect import docker_firewall_driver, docker_iptables_flavour, select_backend
+from portguard.desired import desired_rules
+from portguard.detect import Selection, docker_firewall_driver, docker_iptables_flavour, select_backend
+from portguard.networks import DockerNetwork
 from portguard.reconciler import Reconciler
-from portguard.rules import PortRange
+from portguard.rules import PortRange, Rule
+from portguard.watch.docker import read_networks
 
 __all__ = ["Finding", "Report", "capacity_use", "escaping_ports", "run_doctor"]
 
@@ -78,14 +84,45 @@ def _local_range(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) ->
     return PortRange(low, high)
 
 
-def run_doctor(cfg: Config) -> Report:
-    report = Report()
-    selection = select_backend(cfg.backend, docker_host=cfg.docker_host)
-    report.backend, report.backend_reason = selection.backend.name, selection.reason
-    for why in selection.skipped:
-        report.add("backend", "info", f"skipped: {why}")
+def _ownership(report: Report, obs: Observation) -> None:
+    report.facts["owner"] = obs.owner or None
+    if obs.backend != "nftables":
+        return
+    if obs.owner:
+        report.add("ownership", "info", f"table inet portguard is owned by a running portguard ({obs.owner}): the "
+                   "kernel refuses every other process's change to it; a standby table at srcnat - 9 keeps the rules "
+                   "when portguard stops")
+    else:
+        report.add("ownership", "info", "table inet portguard is not owned (no `portguard run` here): "
+                   "`nft flush ruleset` would remove the rules until the daemon puts them back")
 
-    # Docker: reachability is information; a flavour mismatch is a risk for the iptables backends.
+
+def _explain_traffic(report: Report, cfg: Config, rules: Sequence[Rule], networks: Sequence[DockerNetwork]) -> None:
+    """One line per traffic class: what leaves the host, address and port (README: What portguard changes)."""
+    ports, to = cfg.source_ports, cfg.to_ports
+    lines = [f"host traffic (any local address): address unchanged, source port {ports} moved into {to}"]
+    special = {r.source: r for r in rules if r.source}
+    for net in networks:
+        for subnet in net.subnets:
+            rule = special.get(subnet)
+            if rule is None:
+                how = "masqueraded to the egress address as Docker would"
+            elif rule.to_address:
+                how = f"SNAT to {rule.to_address} as Docker would (host_ipv4/host_ipv6)"
+            else:
+                how = "address unchanged (Docker does not NAT it)"
+            lines.append(f"Docker network {net.name} {subnet}: {how}, port moved into {to}")
+    lines.append(f"other forwarded traffic: masqueraded to the egress address, port moved into {to}")
+    for cidr in cfg.egress_exclude_destinations:
+        lines.append(f"to {cidr}: unchanged (egress.exclude_destinations)")
+    lines.append(f"leaving through {', '.join(cfg.egress_exclude_interfaces) or 'no interface'}: unchanged")
+    report.facts["traffic"] = lines
+    for line in lines:
+        report.add("traffic", "info", line)
+
+
+def _docker(report: Report, cfg: Config, selection: Selection) -> None:
+    """Docker: reachability is information; a flavour mismatch is a risk for the iptables backends."""
     firewall = docker_firewall_driver(cfg.docker_host)
     flavour = selection.docker_flavour or docker_iptables_flavour()
     report.facts["docker"] = {"firewall_driver": firewall, "iptables_flavour": flavour}
@@ -97,10 +134,30 @@ def run_doctor(cfg: Config) -> Report:
     for conflict in selection.conflicts:
         report.add("docker", "risk", conflict)
 
+
+def run_doctor(cfg: Config) -> Report:
+    report = Report()
+    selection = select_backend(cfg.backend, docker_host=cfg.docker_host)
+    report.backend, report.backend_reason = selection.backend.name, selection.reason
+    for why in selection.skipped:
+        report.add("backend", "info", f"skipped: {why}")
+
+    _docker(report, cfg, selection)
+
     # The rules, and everything that decides NAT before them.
-    rules = desired_rules(cfg)
+    networks = read_networks(cfg.docker_host) or ()
+    families = [f for f in cfg.families if f in selection.backend.families()]
+    for missing in (f for f in cfg.families if f not in families):
+        report.add("families", "info", f"{missing.value} is not translated: this host cannot do {missing.value} NAT "
+                   f"with backend {selection.backend.name}; the other families are enforced")
+    rules = desired_rules(cfg, networks, families)
+    _explain_traffic(report, cfg, rules, networks)
     log = structlog.get_logger("portguard.doctor")
     obs = Reconciler(selection.backend, rules, log, conflicts=selection.conflicts).observe()
+    _ownership(report, obs)
+    for bypass in find_bypasses(families):
+        report.add("bypass", "risk", f"{bypass}: connections it matches get no conntrack entry, so no NAT at all; "
+                   "portguard does not touch other tables: remove or narrow that rule")
     report.facts["rules"] = {s.rule.name: s.state.value for s in obs.statuses}
     for s in obs.statuses:
         if s.state.value != "healthy":

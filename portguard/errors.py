@@ -1,8 +1,8 @@
-"""The two kinds of failure: worth retrying, or not."""
+"""The kinds of failure: worth retrying, fatal, or beyond any write of portguard's."""
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "FatalError", "PortguardError", "RetryableError"]
+__all__ = ["ConfigError", "FatalError", "PortguardError", "RetryableError", "UnfixableError"]
 
 
 class PortguardError(Exception):
@@ -19,3 +19,8 @@ class FatalError(PortguardError):
 
 class ConfigError(FatalError):
     """A configuration value is invalid; the message names the key."""
+
+
+class UnfixableError(PortguardError):
+    """No write of portguard's can fix it (the kernel refuses: another process owns the object, a foreign
+    rule iptables-nft cannot read): report it, keep enforcing everything else, never retry in a loop."""

@@ -7,7 +7,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from portguard.errors import FatalError
+from portguard.errors import ConfigError, FatalError
 
 __all__ = ["install_systemd"]
 
@@ -20,25 +20,43 @@ def _data(name: str) -> str:
     return resources.files("portguard").joinpath("data", name).read_text()
 
 
-def install_systemd(root: Path, exec_path: str | None = None) -> list[Path]:
-    """Write the unit (ExecStart pointing at ``exec_path``) and, if none exists, the example config."""
-    program = exec_path or shutil.which("portguard") or str(Path(sys.argv[0]).resolve())
-    if not Path(program).is_absolute():
-        raise FatalError(f"--exec: {program!r} must be an absolute path")
+def _path(value: str, what: str) -> str:
+    """A path that goes into a unit file: absolute, no control character (a newline would add directives), and
+    no character systemd would read as a specifier or quote."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ConfigError(f"{what}: {value!r} contains a control character")
+    if any(c in value for c in "%\"'\\ "):
+        raise ConfigError(f"{what}: {value!r} contains a space, a quote, a backslash or '%'")
+    if not Path(value).is_absolute():
+        raise ConfigError(f"{what}: {value!r} must be an absolute path")
+    return value
+
+
+def install_systemd(root: Path, exec_path: str | None = None, *, force: bool = False) -> list[str]:
+    """Write the unit (ExecStart pointing at ``exec_path``) and, if none exists, the example config.
+
+    A unit that differs from what would be written (an operator edited it) is kept unless ``force``.
+    Returns one line per file: what was done with it.
+    """
+    _path(str(root), "--root")
+    program = _path(exec_path or shutil.which("portguard") or str(Path(sys.argv[0]).resolve()), "--exec")
     unit = _data("portguard.service").replace(f"ExecStart={DEFAULT_EXEC} run", f"ExecStart={program} run")
-    written = []
+    done = []
     try:
         unit_file = root / UNIT_PATH
-        unit_file.parent.mkdir(parents=True, exist_ok=True)
-        unit_file.write_text(unit)
-        unit_file.chmod(0o644)
-        written.append(unit_file)
+        if unit_file.exists() and unit_file.read_text() != unit and not force:
+            done.append(f"kept {unit_file} (edited; --force replaces it)")
+        else:
+            unit_file.parent.mkdir(parents=True, exist_ok=True)
+            unit_file.write_text(unit)
+            unit_file.chmod(0o644)
+            done.append(f"installed {unit_file}")
         config = root / CONFIG_PATH
         if not config.exists():
             config.parent.mkdir(parents=True, exist_ok=True)
             config.write_text(_data("portguard.toml"))
             config.chmod(0o644)
-            written.append(config)
+            done.append(f"installed {config}")
     except OSError as exc:
         raise FatalError(f"install-systemd: {exc.filename}: {exc.strerror}") from None
-    return written
+    return done

@@ -32,11 +32,13 @@ class SyncReport:
     def repaired(self) -> tuple[tuple[str, State], ...]:
         """(rule name, state it was in) for every rule this sync brought back to healthy."""
         now = {s.rule: s.state for s in self.after.statuses}
-        return tuple(
+        rules = tuple(
             (s.rule.name, s.state)
             for s in self.before.statuses
             if s.state is not State.HEALTHY and now.get(s.rule) is State.HEALTHY
         )
+        standby = (("standby", State.ABSENT),) if self.before.standby and not self.after.standby else ()
+        return rules + standby
 
 
 class Reconciler:
@@ -58,9 +60,18 @@ class Reconciler:
         self._sleep = sleep
 
     def observe(self) -> Observation:
-        return self.backend.observe(self.rules).with_conflicts(self.conflicts)
+        return self.backend.observe(self.rules).with_environment(self.conflicts)
+
+    def set_rules(self, rules: Sequence[Rule]) -> bool:
+        """New desired rules (Docker's networks changed); True when they differ."""
+        rules = tuple(rules)
+        changed = rules != self.rules
+        self.rules = rules
+        return changed
 
     def sync(self) -> SyncReport:
+        """Observe, write what a write can fix, verify.  Raises RetryableError, FatalError, or
+        UnfixableError (the kernel refuses portguard's write: report, never retry in a loop)."""
         start = self._clock()
         before = self.observe()
         if not before.needs_write:
@@ -73,7 +84,7 @@ class Reconciler:
                 break
             # Another writer changed the table again right after ours (an iptables-restore of several
             # tables commits one table at a time): write again at once, with what we see now.  A
-            # writer that keeps going wins these rounds and the runner's backoff takes over.
+            # writer that keeps going wins these rounds; the next request starts a new sync.
             self._log.debug("sync.overwritten", states={s.rule.name: s.state.value for s in after.statuses})
             seen = after
         report = SyncReport(before, after, True, (self._clock() - start) * 1000)
@@ -102,14 +113,15 @@ class Reconciler:
         for obj in report.before.stale:
             if obj not in report.after.stale:
                 self._log.info("rule.stale_removed", object=obj, backend=backend, took_ms=took)
-        broken = [s for s in report.after.statuses if s.state is not State.HEALTHY]
-        if broken or report.after.stale:
+        broken = [s for s in report.after.statuses if s.state is not State.HEALTHY and s.fixable]
+        if broken or report.after.stale or report.after.standby:
             self._log.error(
                 "rule.unrepaired",
                 backend=backend,
                 rules={s.rule.name: s.state.value for s in broken},
                 detail=next((s.detail for s in broken), ""),
                 stale=list(report.after.stale),
+                standby=list(report.after.standby),
             )
 
     def remove(self) -> int:

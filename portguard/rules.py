@@ -1,16 +1,24 @@
-"""The rule model: pure values derived from the configuration, and their ownership marks.
+"""The rule model: pure values derived from the configuration and Docker's networks, and their marks.
 
 Every backend installs the same ordered list of entries per address family, inside a chain
-portguard owns: first the egress exclusions (RETURN), then the MASQUERADE rules.  Each entry
-carries a mark ``portguard:<hash>`` whose hash is taken over the entry's canonical spec, so a
-config change turns the old entries into stale ones that are found and removed.
+portguard owns: first the exclusions (RETURN), then the translations.  A translation changes
+the source *port* and, where Docker or the operator asked for it, nothing else:
+
+* ``SNAT`` without ``to_address`` is port-only (the address stays);
+* ``SNAT`` with ``to_address`` is what Docker does for a network with ``host_ipv4``;
+* ``MASQUERADE`` takes the egress interface's address, as Docker's own MASQUERADE would.
+
+Each entry carries a mark ``portguard:<hash>`` (exactly eight lowercase hex digits) taken over
+its canonical spec, so a config or inventory change turns the old entries into stale ones that
+are found and removed, and nothing of another shape is ever mistaken for portguard's.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 __all__ = [
     "MARK_PREFIX",
@@ -23,6 +31,7 @@ __all__ = [
 ]
 
 MARK_PREFIX = "portguard:"
+_MARK = re.compile(r"portguard:[0-9a-f]{8}")
 
 
 class Family(enum.StrEnum):
@@ -38,6 +47,7 @@ class Protocol(enum.StrEnum):
 class Action(enum.StrEnum):
     RETURN = "return"
     MASQUERADE = "masquerade"
+    SNAT = "snat"
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -58,7 +68,7 @@ class PortRange:
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """One entry of portguard's chain: an exclusion (RETURN) or a source-port MASQUERADE."""
+    """One entry of portguard's chain: an exclusion (RETURN) or a source-port translation."""
 
     family: Family
     action: Action
@@ -66,6 +76,12 @@ class Rule:
     protocol: Protocol | None = None
     sport: PortRange | None = None
     to_ports: PortRange | None = None
+    source: str | None = None  # CIDR in canonical form (a Docker network's subnet)
+    destination: str | None = None  # CIDR in canonical form (an excluded destination)
+    local_source: bool = False  # only packets whose source address is one of this host's own
+    to_address: str | None = None  # SNAT to this address; None with SNAT keeps the address
+    fully_random: bool = False
+    label: str = field(default="", compare=False)  # who wants it: host, forwarded, net:NAME, exclude
 
     @property
     def spec(self) -> str:
@@ -78,6 +94,17 @@ class Rule:
             f"sport={self.sport or '*'}",
             f"to={self.to_ports or '*'}",
         ]
+        # Fields added later only appear when set, so the marks of the earlier shapes stay stable.
+        if self.source:
+            parts.append(f"src={self.source}")
+        if self.destination:
+            parts.append(f"dst={self.destination}")
+        if self.local_source:
+            parts.append("src-type=local")
+        if self.to_address:
+            parts.append(f"to-addr={self.to_address}")
+        if self.fully_random:
+            parts.append("fully-random")
         return " ".join(parts)
 
     @property
@@ -89,11 +116,17 @@ class Rule:
     def name(self) -> str:
         """A short human name used in logs, reports and metric labels."""
         if self.action is Action.RETURN:
-            return f"{self.family.value}/exclude/{self.out_interface}"
+            return f"{self.family.value}/exclude/{self.out_interface or self.destination}"
         proto = self.protocol.value if self.protocol else "any"
         via = f"/{self.out_interface}" if self.out_interface else ""
-        return f"{self.family.value}/{proto}/{self.sport}->{self.to_ports}{via}"
+        return f"{self.family.value}/{proto}/{self.label or 'all'}{via}"
+
+    @property
+    def port_only(self) -> bool:
+        """Does this translation keep the source address?"""
+        return self.action is Action.SNAT and self.to_address is None
 
 
 def is_mark(comment: str | None) -> bool:
-    return comment is not None and comment.startswith(MARK_PREFIX)
+    """Exactly portguard's mark: the prefix and eight lowercase hex digits, nothing before or after."""
+    return comment is not None and _MARK.fullmatch(comment) is not None

@@ -1,9 +1,21 @@
 #!/usr/bin/env bash
-# Install portguard on this host and start it under systemd (Debian/Ubuntu).
+# Install portguard on this host and start it under systemd (Debian/Ubuntu), from a checkout of this
+# repository: the package, shell completion and the man page.
 #   ./scripts/install.sh            (re-runs itself with sudo when not root)
 set -euo pipefail
-here=$(cd "$(dirname "$0")/.." && pwd)
-if [ "$(id -u)" != 0 ]; then exec sudo "$0" "$@"; fi
+# Refuse to run from a pipe or from anywhere but a checkout: it would install whatever directory it is in.
+script=${BASH_SOURCE[0]:-}
+if [ -z "$script" ] || [ ! -f "$script" ]; then
+    echo "install.sh: run it from a checkout of portguard (./scripts/install.sh), not from a pipe" >&2
+    exit 2
+fi
+here=$(cd "$(dirname "$script")/.." && pwd)
+if [ ! -f "$here/pyproject.toml" ] || ! grep -q '^name = "portguard"$' "$here/pyproject.toml" \
+        || [ ! -f "$here/portguard/__init__.py" ]; then
+    echo "install.sh: $here is not a checkout of portguard" >&2
+    exit 2
+fi
+if [ "$(id -u)" != 0 ]; then exec sudo "$script" "$@"; fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends iptables nftables conntrack python3 python3-venv >/dev/null

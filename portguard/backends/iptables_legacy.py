@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from portguard.backends import xtables
-from portguard.backends.base import Observation
+from portguard.backends.base import Observation, Watch
+from portguard.backends.iptables_nft import IptablesNftBackend
 from portguard.errors import FatalError, RetryableError
 from portguard.rules import Action, Family, Rule
 
@@ -57,9 +58,43 @@ def xtables_lock(wait: float = _LOCK_WAIT) -> Iterator[None]:
 
 class IptablesLegacyBackend:
     name = "iptables-legacy"
+    watch = Watch(nf_tables=None, poll_legacy=True)  # legacy xtables send no notifications: poll
 
     def __init__(self) -> None:
         self._mod: Any = None
+        self._rule_types: dict[Family, Any] = {}
+        # IPv6 goes through ip6tables-legacy-restore: iptables 1.8.9 ships SNAT and MASQUERADE in one library,
+        # libxt_NAT.so, and libxtables registers a library's targets only for the family active when it is
+        # first loaded; python-iptables 1.2.0 then cannot find them for the other family ("can't find target
+        # SNAT"), and loading them again aborts ("already registered").  So python-iptables serves IPv4.
+        self._ip6 = IptablesNftBackend("legacy", only=(Family.IPV6,))
+
+    def families(self) -> tuple[Family, ...]:
+        # Writing an IPv6 rule would register a legacy ip6 nat table, which reorders that family's NAT hooks
+        # (the most recently registered runs first).  Only translate IPv6 where one is already in use.
+        return (Family.IPV4, Family.IPV6) if xtables.legacy_nat_registered(Family.IPV6) else (Family.IPV4,)
+
+    def close(self) -> None:
+        return
+
+    def _rule(self, family: Family) -> Any:
+        """A python-iptables rule class that only ever looks at the nat table.
+
+        python-iptables 1.2.0 decides whether a target is a chain by asking every table of the family
+        (``Rule.tables``), and opening a legacy table registers it: inserting the jump would register
+        filter, mangle, raw and security tables portguard never asked for.
+        """
+        if family not in self._rule_types:
+            iptc = self._iptc()
+            base, table_cls = (iptc.Rule, iptc.Table) if family is Family.IPV4 else (iptc.Rule6, iptc.Table6)
+
+            class NatOnly(base):  # type: ignore[misc, valid-type]  # python-iptables ships no stubs
+                @property
+                def tables(self) -> list[Any]:
+                    return [table_cls(table_cls.NAT)]
+
+            self._rule_types[family] = NatOnly
+        return self._rule_types[family]()
 
     def _iptc(self) -> Any:
         if self._mod is None:
@@ -73,6 +108,13 @@ class IptablesLegacyBackend:
                 raise FatalError(
                     f"backend iptables-legacy: libiptc not usable ({exc}); install the 'iptables' package"
                 ) from None
+            # iptables 1.8.9 ships SNAT and MASQUERADE in libxt_NAT.so (libxt_SNAT.so is a link to it), and
+            # libxtables registers a library's targets only for the family active when it is first loaded:
+            # after an IPv4 rule, python-iptables 1.2.0 cannot find the IPv6 SNAT ("can't find target").
+            # Its alias table makes the second lookup call libxt_NAT_init again, for the other family.
+            aliases = iptc.xtables.xtables._real_name  # python-iptables' own alias map (state->conntrack)
+            aliases.setdefault("SNAT", "NAT")
+            aliases.setdefault("MASQUERADE", "NAT")
             self._mod = iptc
         return self._mod
 
@@ -101,7 +143,7 @@ class IptablesLegacyBackend:
 
     @staticmethod
     def _xrule(chain: str, r: Any) -> xtables.XRule:
-        """Reduce a libiptc rule to the fields decisions use, with an ``iptables -S``-like text."""
+        """Reduce a libiptc rule to the fields decisions use, with the text ``iptables -S`` would print."""
         parts: list[str] = []
         for flag, value in (("-s", r.src), ("-d", r.dst)):
             negated = bool(value) and value.startswith("!")
@@ -122,13 +164,17 @@ class IptablesLegacyBackend:
                 parts += ["--comment", f'"{comment}"']
             elif m.name in ("tcp", "udp") and m.sport:
                 parts += ["--sport", m.sport]
+            elif m.name == "addrtype" and m.src_type:
+                parts += ["--src-type", m.src_type]
         target = r.target.name or None if r.target else None
         if target:
             parts += ["-j", target]
-            if target == "MASQUERADE":
-                to_ports = r.target.to_ports
-                if to_ports:
-                    parts += ["--to-ports", to_ports]
+            params = r.target.get_all_parameters()
+            for option in ("to-ports", "to-source"):
+                if params.get(option):
+                    parts += [f"--{option}", params[option][0]]
+            if "random-fully" in params:
+                parts.append("--random-fully")
         return xtables.XRule(chain, " ".join(parts), comment, target, proto, out_if)
 
     def _assess(self, family: Family, rules: Sequence[Rule]) -> Observation:
@@ -139,33 +185,47 @@ class IptablesLegacyBackend:
 
     def observe(self, rules: Sequence[Rule]) -> Observation:
         grouped = xtables.by_family(rules)
-        families = [f for f in Family if f in grouped or xtables.legacy_nat_registered(f)]
-        parts = [self._assess(f, grouped.get(f, [])) for f in families]
+        parts = []
+        if Family.IPV4 in grouped or xtables.legacy_nat_registered(Family.IPV4):
+            parts.append(self._assess(Family.IPV4, grouped.get(Family.IPV4, [])))
+        if xtables.legacy_nat_registered(Family.IPV6):
+            parts.append(self._ip6.observe(grouped.get(Family.IPV6, [])))
         return xtables.merge(self.name, parts)
 
     # ---- writing ----
 
     def _build(self, family: Family, rule: Rule | None) -> Any:
-        """A libiptc rule for ``rule``, or for the jump when ``rule`` is None."""
-        iptc = self._iptc()
-        r = iptc.Rule() if family is Family.IPV4 else iptc.Rule6()
+        """A libiptc rule for ``rule``, or for the jump when ``rule`` is None (same order as rule_spec)."""
+        r = self._rule(family)
         if rule is None:
             r.create_match("comment").comment = xtables.JUMP_MARK
             r.create_target(xtables.CHAIN)
             return r
+        if rule.source:
+            r.src = rule.source
+        if rule.destination:
+            r.dst = rule.destination
         if rule.out_interface:
             r.out_interface = rule.out_interface
         if rule.protocol:
             r.protocol = rule.protocol.value
             if rule.sport:
                 r.create_match(rule.protocol.value).sport = f"{rule.sport.low}:{rule.sport.high}"
+        if rule.local_source:
+            r.create_match("addrtype").src_type = "LOCAL"
         r.create_match("comment").comment = rule.mark
         if rule.action is Action.RETURN:
             r.create_target("RETURN")
-        else:
+            return r
+        if rule.action is Action.MASQUERADE:
             target = r.create_target("MASQUERADE")
             if rule.to_ports:
                 target.to_ports = str(rule.to_ports)
+        else:
+            target = r.create_target("SNAT")
+            target.to_source = xtables.to_source(rule)
+        if rule.fully_random:
+            target.random_fully = ""
         return r
 
     def _commit_family(self, family: Family, rules: Sequence[Rule], remove: bool) -> int:
@@ -192,7 +252,7 @@ class IptablesLegacyBackend:
         postrouting, chain = self._read(table)
         pr_chain = iptc.Chain(table, "POSTROUTING")
         if remove:
-            victims = [obj for x, obj in postrouting if x.owned]
+            victims = [obj for x, obj in postrouting if xtables.is_jump(x)]
             for obj in victims:
                 pr_chain.delete_rule(obj)
             if chain is not None:
@@ -212,7 +272,7 @@ class IptablesLegacyBackend:
                 own.append_rule(self._build(family, rule))
         doomed = set(plan.delete_postrouting)
         for x, obj in postrouting:
-            if x.owned and x.spec in doomed:
+            if xtables.is_jump(x) and x.spec in doomed:
                 pr_chain.delete_rule(obj)
         if plan.insert_jump:
             pr_chain.insert_rule(self._build(family, None))
@@ -221,19 +281,22 @@ class IptablesLegacyBackend:
     def ensure(self, rules: Sequence[Rule], seen: Observation | None = None) -> None:
         # libiptc works on a snapshot: plan again under the lock, whatever was seen before.
         grouped = xtables.by_family(rules)
-        for family in Family:
-            if family in grouped:
-                self._commit_family(family, grouped[family], remove=False)
-            elif xtables.legacy_nat_registered(family):
-                self._commit_family(family, [], remove=True)
+        if Family.IPV4 in grouped:
+            self._commit_family(Family.IPV4, grouped[Family.IPV4], remove=False)
+        elif xtables.legacy_nat_registered(Family.IPV4):
+            self._commit_family(Family.IPV4, [], remove=True)
+        if xtables.legacy_nat_registered(Family.IPV6):
+            self._ip6.ensure(grouped.get(Family.IPV6, []))
 
     def remove(self) -> int:
-        return sum(self._commit_family(f, [], remove=True) for f in Family if xtables.legacy_nat_registered(f))
+        removed = self._commit_family(Family.IPV4, [], remove=True) if xtables.legacy_nat_registered() else 0
+        return removed + (self._ip6.remove() if xtables.legacy_nat_registered(Family.IPV6) else 0)
 
     def render(self, rules: Sequence[Rule]) -> str:
         out = []
         for family, frules in xtables.by_family(rules).items():
-            tool = "iptables-legacy-restore" if family is Family.IPV4 else "ip6tables-legacy-restore"
-            out.append(f"# {tool} --noflush  (applied through libiptc, one commit)\n")
+            how = "iptables-legacy-restore --noflush  (applied through libiptc, one commit)" if family is Family.IPV4 \
+                else "ip6tables-legacy-restore --noflush"
+            out.append(f"# {how}\n")
             out.append(xtables.render_restore(frules, xtables.full_plan()))
         return "".join(out)

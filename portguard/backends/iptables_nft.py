@@ -8,13 +8,14 @@ transaction.  The same class drives legacy binaries for tests of the text path.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from collections.abc import Sequence
 
 from portguard.backends import xtables
-from portguard.backends.base import Observation
-from portguard.errors import FatalError, RetryableError
+from portguard.backends.base import Observation, Watch
+from portguard.errors import FatalError, RetryableError, UnfixableError
 from portguard.rules import Family, Rule
 
 __all__ = ["IptablesNftBackend"]
@@ -27,9 +28,30 @@ _EXIT_RESOURCE = 4
 class IptablesNftBackend:
     name = "iptables-nft"
 
-    def __init__(self, flavour: str = "nft") -> None:
+    def __init__(self, flavour: str = "nft", *, only: tuple[Family, ...] = tuple(Family)) -> None:
         self._flavour = flavour
+        self._handled = only  # the families this object reads and writes
         self.name = f"iptables-{flavour}"
+        # iptables-nft changes are nf_tables changes: notifications for table 'nat'; legacy ones notify nobody.
+        self.watch = Watch(nf_tables=frozenset({b"nat"}), poll_legacy=False) if flavour == "nft" else Watch(
+            nf_tables=None, poll_legacy=True)
+        self._families: tuple[Family, ...] | None = None
+
+    def families(self) -> tuple[Family, ...]:
+        """IPv4 always; IPv6 when ip6tables can list a nat table here (kernels without IPv6 NAT cannot)."""
+        if self._families is None:
+            ok = [Family.IPV4]
+            try:
+                proc = self._run([self._tool(Family.IPV6), "-w", "5", "-t", "nat", "-S", xtables.POSTROUTING])
+                if proc.returncode == 0:
+                    ok.append(Family.IPV6)
+            except FatalError:
+                pass
+            self._families = tuple(ok)
+        return self._families
+
+    def close(self) -> None:
+        return
 
     def _tool(self, family: Family, suffix: str = "") -> str:
         base = "iptables" if family is Family.IPV4 else "ip6tables"
@@ -57,6 +79,12 @@ class IptablesNftBackend:
             if chain != xtables.POSTROUTING:
                 # 1.8.9 says "incompatible" (older: "No chain/target/match") for a missing chain
                 return None
+            if "incompatible" in proc.stderr:
+                # A rule written with nft directly (e.g. 'masquerade persistent') that iptables-nft cannot show.
+                raise UnfixableError(
+                    f"{self._tool(family)}: the nat table holds rules iptables-nft cannot read (written with nft "
+                    "directly); portguard cannot tell what runs first there: use the nftables backend"
+                )
             raise FatalError(f"{self._tool(family)} -t nat -S {chain}: {_first_line(proc.stderr)}")
         return [r for r in map(xtables.parse_rule, proc.stdout.splitlines()) if r is not None]
 
@@ -75,7 +103,7 @@ class IptablesNftBackend:
     def observe(self, rules: Sequence[Rule]) -> Observation:
         grouped = xtables.by_family(rules)
         parts, plans = [], {}
-        for family in Family:
+        for family in self._handled:
             if family in grouped:
                 obs, plan = self._assess(family, grouped[family])
                 parts.append(obs)
@@ -118,9 +146,16 @@ class IptablesNftBackend:
         if proc.returncode == 0:
             return
         err = _first_line(proc.stderr)
-        if proc.returncode == _EXIT_RESOURCE or "does a matching rule exist" in err or "does not exist" in err:
+        if "does a matching rule exist" in err or "does not exist" in err or "lock" in err.lower():
             # Lock busy, or the table changed between our read and our write: the batch was
             # rejected whole, nothing changed; read again and retry.
+            raise RetryableError(f"{tool}: {err}")
+        if any(k in err for k in ("Invalid argument", "Operation not supported", "Operation not permitted",
+                                  "incompatible", "Too many links", "Device or resource busy")):
+            # The kernel refused the batch (exit 4 too, RESOURCE_PROBLEM): e.g. a foreign '-A OUTPUT -j
+            # PORTGUARD' makes every MASQUERADE in the chain invalid.  Writing again cannot help.
+            raise UnfixableError(f"{tool}: the kernel refused portguard's batch: {err}")
+        if proc.returncode == _EXIT_RESOURCE:
             raise RetryableError(f"{tool}: {err}")
         raise FatalError(f"{tool}: {err}")
 
@@ -136,9 +171,13 @@ class IptablesNftBackend:
         return len(plan.delete_postrouting) + plan.drop_chain
 
     def remove(self) -> int:
-        return sum(self._remove_family(f) for f in Family)
+        return sum(self._remove_family(f) for f in self._handled)
+
+
+_BANNER = re.compile(r"^\S+ v[\d.]+ \([^)]*\):\s*$")
 
 
 def _first_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    """The line that says what went wrong: not the '... v1.8.9 (nf_tables):' banner nor a comment."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#") and not _BANNER.match(ln)]
     return lines[0] if lines else "failed without a message"

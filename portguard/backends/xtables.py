@@ -9,7 +9,7 @@ Layout in the nat table of each family:
 
 A chain is needed because one iptables rule can carry only one ``-o``; the jump is the one
 object that must win the race for position 1 against Docker's ``-I POSTROUTING`` inserts.
-The chain ``PORTGUARD`` is owned by name; in POSTROUTING only marked rules are ours.
+The chain ``PORTGUARD`` is owned by name; in POSTROUTING only the exact jump above is ours.
 """
 
 from __future__ import annotations
@@ -30,11 +30,14 @@ __all__ = [
     "XRule",
     "assess",
     "decides_nat",
+    "is_jump",
     "jump_spec",
     "legacy_nat_registered",
+    "legacy_table_registered",
     "parse_rule",
     "render_restore",
     "rule_spec",
+    "to_source",
 ]
 
 CHAIN = "PORTGUARD"
@@ -61,27 +64,55 @@ class XRule:
         return is_mark(self.comment)
 
 
+def to_source(rule: Rule) -> str:
+    ports = f":{rule.to_ports}" if rule.to_ports else ""
+    if not rule.to_address:
+        return ports  # port-only: iptables 1.8.9 accepts ':LOW-HIGH' for both families
+    return f"[{rule.to_address}]{ports}" if rule.family is Family.IPV6 else f"{rule.to_address}{ports}"
+
+
 def rule_spec(rule: Rule) -> str:
-    """The rule as ``iptables -S`` prints it (without ``-A PORTGUARD``)."""
+    """The rule as ``iptables -S`` prints it (without ``-A PORTGUARD``): addresses, interface, protocol,
+    then the matches in the order they are added, then the target."""
     parts: list[str] = []
+    if rule.source:
+        parts += ["-s", rule.source]
+    if rule.destination:
+        parts += ["-d", rule.destination]
     if rule.out_interface:
         parts += ["-o", rule.out_interface]  # the config's trailing '+' is iptables' own wildcard
     if rule.protocol:
         parts += ["-p", rule.protocol.value]
         if rule.sport:
-            parts += ["-m", rule.protocol.value, "--sport", f"{rule.sport.low}:{rule.sport.high}"]
+            parts += ["-m", rule.protocol.value, "--sport", _sport(rule)]
+    if rule.local_source:
+        parts += ["-m", "addrtype", "--src-type", "LOCAL"]
     parts += ["-m", "comment", "--comment", f'"{rule.mark}"']
     if rule.action is Action.RETURN:
         parts += ["-j", "RETURN"]
-    else:
+    elif rule.action is Action.MASQUERADE:
         parts += ["-j", "MASQUERADE"]
         if rule.to_ports:
-            parts += ["--to-ports", str(rule.to_ports)]
+            parts += ["--to-ports", str(rule.to_ports) if rule.to_ports.size > 1 else str(rule.to_ports.low)]
+    else:
+        parts += ["-j", "SNAT", "--to-source", to_source(rule)]
+    if rule.fully_random and rule.action is not Action.RETURN:
+        parts.append("--random-fully")
     return " ".join(parts)
+
+
+def _sport(rule: Rule) -> str:
+    low, high = (rule.sport.low, rule.sport.high) if rule.sport else (1, 65535)
+    return str(low) if low == high else f"{low}:{high}"
 
 
 def jump_spec() -> str:
     return f'-m comment --comment "{JUMP_MARK}" -j {CHAIN}'
+
+
+def is_jump(x: XRule) -> bool:
+    """Exactly portguard's jump, as listed (iptables -S, or the legacy backend's equivalent text)."""
+    return x.chain == POSTROUTING and x.comment == JUMP_MARK and x.target == CHAIN and x.spec == jump_spec()
 
 
 def parse_rule(line: str) -> XRule | None:
@@ -131,7 +162,7 @@ def decides_nat(x: XRule, rules: Sequence[Rule]) -> bool:
     """
     if x.target is None or x.target in _PASSIVE_TARGETS:
         return False
-    masq = [r for r in rules if r.action is Action.MASQUERADE]
+    masq = [r for r in rules if r.action is not Action.RETURN]
     positive_proto = x.protocol and not x.protocol.startswith("!") and x.protocol not in ("all", "0")
     if positive_proto and not any(r.protocol is None or r.protocol.value == x.protocol for r in masq):
         return False
@@ -163,9 +194,11 @@ def assess(
     chain: Sequence[XRule] | None,
 ) -> tuple[Observation, Plan]:
     """Compare one family's listing with its desired rules: the decision table, in one place."""
-    jumps = [i for i, x in enumerate(postrouting) if x.owned and x.target == CHAIN]
-    stale_pr = [x for x in postrouting if x.owned and x.target != CHAIN]
-    shadows = [x.spec for x in postrouting[: jumps[0] if jumps else 0] if not x.owned and decides_nat(x, rules)]
+    # In POSTROUTING (not portguard's chain) only the exact jump is portguard's: a foreign rule that merely
+    # carries a look-alike comment stays, whatever it is.
+    jumps = [i for i, x in enumerate(postrouting) if is_jump(x)]
+    stale_pr: list[XRule] = []
+    shadows = [x.spec for x in postrouting[: jumps[0] if jumps else 0] if not is_jump(x) and decides_nat(x, rules)]
     if not jumps:
         hook, hook_detail = State.ABSENT, "no jump to PORTGUARD in nat POSTROUTING"
     elif shadows:
@@ -232,7 +265,7 @@ def removal_plan(postrouting: Sequence[XRule], chain: Sequence[XRule] | None) ->
     """Everything portguard owns in one family's nat table, to be deleted."""
     return Plan(
         rewrite_chain=False,
-        delete_postrouting=tuple(x.spec for x in postrouting if x.owned),
+        delete_postrouting=tuple(x.spec for x in postrouting if is_jump(x)),
         insert_jump=False,
         drop_chain=chain is not None,
     )
@@ -245,13 +278,18 @@ def full_plan() -> Plan:
 _TABLE_NAMES = {Family.IPV4: Path("/proc/net/ip_tables_names"), Family.IPV6: Path("/proc/net/ip6_tables_names")}
 
 
-def legacy_nat_registered(family: Family = Family.IPV4) -> bool:
-    """Does this namespace have a legacy nat table?  Ask before touching one: libiptc, ``iptables-legacy``
-    and even IPT_SO_GET_INFO register a missing table, which reorders the NAT hooks (FACTS.md)."""
+def legacy_table_registered(table: str, family: Family = Family.IPV4) -> bool:
+    """Does this namespace have that legacy table?  Ask before touching one: libiptc, ``iptables-legacy``
+    and even IPT_SO_GET_INFO register a missing table; for nat that reorders the NAT hooks (of equal
+    priority, the most recently registered table runs first; iptables 1.8.9, kernel 6.x)."""
     try:
-        return "nat" in _TABLE_NAMES[family].read_text().split()
+        return table in _TABLE_NAMES[family].read_text().split()
     except OSError:
         return False
+
+
+def legacy_nat_registered(family: Family = Family.IPV4) -> bool:
+    return legacy_table_registered("nat", family)
 
 
 def by_family(rules: Sequence[Rule]) -> dict[Family, list[Rule]]:

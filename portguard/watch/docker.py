@@ -1,4 +1,8 @@
-"""Docker engine events (docker-py): every network or daemon event requests a full sync.
+"""Docker engine events and inventory (docker-py): every network or daemon event requests a full sync.
+
+The desired rules depend on Docker's networks, so on every (re)connect and every network event the
+watcher reads ``GET /networks`` *before* it requests the sync: the sync an event triggers already
+has the new network's rules.  While Docker is unreachable the last inventory stays in force.
 
 dockerd sends no start or stop events.  When it stops, docker-py's ``events()`` generator just
 ends (no exception), so the end of the stream means "dockerd gone": reconnect with backoff
@@ -15,8 +19,9 @@ from collections.abc import Callable
 from typing import Any
 
 from portguard.logs import Logger
+from portguard.networks import DockerNetwork, parse_networks
 
-__all__ = ["DockerWatcher"]
+__all__ = ["DockerWatcher", "read_networks"]
 
 EVENT_FILTERS = {
     "type": ["network", "daemon"],
@@ -36,6 +41,7 @@ class DockerWatcher:
         docker_host: str = "",
         max_backoff: float = 30.0,
         on_connection: Callable[[bool], None] = lambda _up: None,
+        on_networks: Callable[[tuple[DockerNetwork, ...]], None] = lambda _nets: None,
     ) -> None:
         self._request = request
         self._request_in = request_in
@@ -43,6 +49,7 @@ class DockerWatcher:
         self._docker_host = docker_host
         self._max_backoff = max_backoff
         self._on_connection = on_connection
+        self._on_networks = on_networks
         self._stop = threading.Event()
         self._stream: Any = None
         self._lock = threading.Lock()
@@ -83,6 +90,7 @@ class DockerWatcher:
             self._log.info("docker.connected", after_attempts=failures)
             failures = 0
             self._on_connection(True)
+            self._refresh(client)
             self._request("docker.connected")
             self._request_in(*RECHECKS)
             connected_at = time.monotonic()
@@ -95,6 +103,15 @@ class DockerWatcher:
                     # A stream that breaks at once must not become a reconnect loop.
                     self._stop.wait(1.0)
 
+    def _refresh(self, client: Any) -> None:
+        """Read the networks; on failure keep the last inventory (nothing is removed because Docker is away)."""
+        try:
+            networks = parse_networks(client.networks())
+        except Exception as exc:  # noqa: BLE001  # any failure to read means "no news"
+            self._log.warning("docker.inventory_failed", error=str(exc).splitlines()[0][:200] if str(exc) else "?")
+            return
+        self._on_networks(networks)
+
     def _follow(self, client: Any) -> None:
         try:
             stream = client.events(decode=True, filters=EVENT_FILTERS)
@@ -103,8 +120,10 @@ class DockerWatcher:
             if self._stop.is_set():
                 return
             for event in stream:
-                kind = f"{event.get('Type', '?')}.{event.get('Action', '?')}"
+                kind = f"{event.get('Type', '?')}.{event.get('Action', '?')}" if isinstance(event, dict) else "?"
                 self._log.debug("docker.event", kind=kind)
+                if kind.startswith("network."):
+                    self._refresh(client)
                 self._request(f"docker.{kind}")
         except Exception as exc:  # noqa: BLE001  # a broken stream is the same as an ended one
             if not self._stop.is_set():
@@ -116,3 +135,18 @@ class DockerWatcher:
                 client.close()
             except Exception:  # noqa: BLE001
                 self._log.debug("docker.close_failed", exc_info=True)
+
+
+def read_networks(docker_host: str = "", timeout: float = 2.0) -> tuple[DockerNetwork, ...] | None:
+    """Docker's bridge networks once (for one-shot commands); None when Docker cannot be asked."""
+    try:
+        import docker  # deferred: commands that never ask Docker don't pay for it
+
+        kwargs = {"base_url": docker_host} if docker_host else docker.utils.kwargs_from_env()
+        client = docker.APIClient(timeout=timeout, **kwargs)
+        try:
+            return parse_networks(client.networks())
+        finally:
+            client.close()
+    except Exception:  # noqa: BLE001  # unreachable, refused, not installed: unknown, never an error here
+        return None

@@ -8,6 +8,10 @@ import re
 from netns import Netns
 
 BACKENDS = ["nftables", "iptables-nft", "iptables-legacy"]
+# The default config: per family lo, docker0, br-+ excluded, a host rule and a forwarded rule.
+NFT_RULES = 10  # both families in table inet portguard (and again in the standby)
+XT_V4_LINES = 6  # iptables-save of ip nat: the jump and five rules in PORTGUARD
+HOST_RULE = "ipv4/tcp/host"
 IPTABLES_BACKENDS = ["iptables-nft", "iptables-legacy"]
 JUMP = re.compile(r"-j PORTGUARD\b")
 
@@ -23,19 +27,21 @@ def check(ns: Netns, backend: str, *extra: str) -> tuple[int, dict[str, object]]
     return proc.returncode, json.loads(proc.stdout)
 
 
-def states(report: dict[str, object]) -> set[str]:
-    return {r["state"] for r in report["rules"]}  # type: ignore[index, union-attr]
+def states(report: dict[str, object], family: str = "") -> set[str]:
+    """States of the report's rules (of one family, e.g. "ipv4", when given)."""
+    return {r["state"] for r in report["rules"] if r["rule"].startswith(family)}  # type: ignore[index, union-attr]
 
 
-def apply(ns: Netns, backend: str, *extra: str) -> None:
+def apply(ns: Netns, backend: str, *extra: str, expect: int = 0) -> None:
+    """apply; 0 healthy, 1 when something portguard must not touch (a forced foreign flavour) remains."""
     proc = ns.portguard("apply", "--backend", backend, *extra)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == expect, proc.stdout + proc.stderr
 
 
-def owned_lines(ns: Netns, backend: str) -> list[str]:
+def owned_lines(ns: Netns, backend: str, table: str = "portguard") -> list[str]:
     """Every object portguard owns, as text: nft rules of its table, or marked/PORTGUARD lines."""
     if backend == "nftables":
-        out = ns.nft("-j", "list", "table", "inet", "portguard", check=False)
+        out = ns.nft("-j", "list", "chain", "inet", table, "postrouting", check=False)
         if not out.strip():
             return []
         doc = json.loads(out)["nftables"]
@@ -47,15 +53,24 @@ def postrouting(ns: Netns, tool: str) -> list[str]:
     return [ln for ln in ns.rules(f"{tool}-save") if ln.startswith("-A POSTROUTING")]
 
 
-def delete_rule(ns: Netns, backend: str) -> None:
-    """Delete portguard's MASQUERADE rule by hand, as an operator or a script would."""
+def delete_rule(ns: Netns, backend: str, *, check: bool = True, table: str = "portguard") -> bool:
+    """Delete portguard's IPv4 host rule by hand, as an operator or a script would; True when it went."""
     if backend == "nftables":
-        listing = ns.nft("-a", "list", "chain", "inet", "portguard", "postrouting")
-        handle = re.search(r"masquerade.*# handle (\d+)", listing)
+        listing = ns.nft("-a", "list", "chain", "inet", table, "postrouting")
+        handle = re.search(r"nfproto ipv4 .*fib saddr type local.*# handle (\d+)", listing)
         assert handle, listing
-        ns.nft("delete", "rule", "inet", "portguard", "postrouting", "handle", handle.group(1))
+        proc = ns.run(["nft", "delete", "rule", "inet", table, "postrouting", "handle", handle.group(1)], check=check)
     else:
-        ns.run([xt(backend), "-t", "nat", "-D", "PORTGUARD", "4"])
+        proc = ns.run([xt(backend), "-t", "nat", "-D", "PORTGUARD", "4"], check=check)
+    return proc.returncode == 0
+
+
+def open_gap(ns: Netns, backend: str) -> None:
+    """Take every translation away (both unowned nft tables, or the rules of the xtables chain)."""
+    if backend == "nftables":
+        ns.nft("delete table inet portguard; delete table inet portguard_standby")
+    else:
+        ns.run([xt(backend), "-t", "nat", "-F", "PORTGUARD"])
 
 
 DOCKER_RULE = ["-t", "nat", "-I", "POSTROUTING", "-s", "172.18.0.0/16", "!", "-o", "br-x", "-j", "MASQUERADE"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from daemonproc import PortguardDaemon
 from dockerhost import IMAGE, DockerEngine, busybox_tar
-from helpers import bystander_nft, bystander_setup, bystander_snapshot, delete_rule, owned_lines
+from helpers import NFT_RULES, XT_V4_LINES, bystander_nft, bystander_setup, bystander_snapshot, delete_rule, owned_lines
 from netns import Netns, wait_for
 from topology import ACL_LOW, SERVER_IP, AclNetwork
 
@@ -57,9 +57,14 @@ class Env:
     def bystanders(self) -> str:
         return bystander_snapshot(self.ns, LEGACY)
 
-    def one_copy(self) -> None:
+    def one_copy(self, *, primary: bool = True) -> None:
+        """Exactly one copy of every rule (nftables: in the standby always, in the owned table while running)."""
         lines = owned_lines(self.ns, self.backend)
-        assert len(lines) == len(set(lines)) == (4 if self.backend == "nftables" else 5), lines
+        expected = NFT_RULES if self.backend == "nftables" else XT_V4_LINES
+        assert len(lines) == len(set(lines)) == (expected if primary else 0), lines
+        if self.backend == "nftables":
+            standby = owned_lines(self.ns, self.backend, table="portguard_standby")
+            assert len(standby) == len(set(standby)) == NFT_RULES, standby
 
 
 @pytest.fixture(scope="module", params=["nftables", "iptables-nft"])
@@ -98,18 +103,24 @@ def test_portguard_started_before_dockerd(env: Env) -> None:
 
 
 def test_without_a_working_rule_the_acl_rejects_the_container(env: Env) -> None:
-    """Control: with portguard frozen and its rule removed, the same container fetch fails."""
-    env.daemon.send(signal.SIGSTOP)
+    """Control: with portguard gone and its rules removed, the same container fetch fails; a new portguard takes
+    over at once.  (With nftables a running portguard's table cannot be removed at all: it is killed first.)"""
+    if env.backend == "nftables":
+        env.daemon.stop(signal.SIGKILL)
+        env.daemon.close()
+        env.ns.nft("delete", "table", "inet", "portguard_standby")
+    else:
+        env.daemon.send(signal.SIGSTOP)
+        env.ns.run(["iptables-nft", "-t", "nat", "-F", "PORTGUARD"])
     try:
-        if env.backend == "nftables":
-            env.ns.nft("delete", "table", "inet", "portguard")
-        else:
-            env.ns.run(["iptables-nft", "-t", "nat", "-F", "PORTGUARD"])
         out = env.engine.docker("run", "--rm", "--sysctl", LOW_PORTS, IMAGE, "wget", "-q", "-O", "-",
                                 f"http://{SERVER_IP}:8080/", check=False)
         assert out.returncode != 0
     finally:
-        env.daemon.send(signal.SIGCONT)
+        if env.backend == "nftables":
+            env.start_portguard()
+        else:
+            env.daemon.send(signal.SIGCONT)
     assert wait_for(env.healthy, 5)
     env.fetch()
 
@@ -132,9 +143,10 @@ def test_nat_table_flush(env: Env) -> None:
 
 
 def test_portguard_rule_deleted(env: Env) -> None:
-    """Deleting portguard's rule by hand is repaired; bystanders stay unchanged."""
+    """Deleting portguard's rule by hand is refused by the kernel (nftables, owned table) or repaired
+    (iptables-nft); bystanders stay unchanged."""
     before = env.bystanders()
-    delete_rule(env.ns, env.backend)
+    assert delete_rule(env.ns, env.backend, check=False) is (env.backend != "nftables")
     assert wait_for(env.healthy, 5)
     env.fetch()
     assert env.bystanders() == before
@@ -207,7 +219,8 @@ def test_portguard_sigkill_and_start_leaves_exactly_one_copy(env: Env) -> None:
     before = env.bystanders()
     env.daemon.stop(signal.SIGKILL)
     env.daemon.close()
-    env.one_copy()
+    env.one_copy(primary=env.backend != "nftables")  # the owned table died with its owner; the standby holds
+    env.fetch("pgnet")
     env.start_portguard()
     env.one_copy()
     env.engine.docker("network", "create", "pgnet2")

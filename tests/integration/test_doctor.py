@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import apply, delete_rule, keep_conntrack_on
+from helpers import apply, keep_conntrack_on, open_gap
 from netns import Netns
 from topology import AclNetwork
 
@@ -81,7 +81,7 @@ def test_ephemeral_ports_outside_the_matched_range_are_a_risk(ns: Netns) -> None
 def test_forced_flavour_other_than_dockers_is_a_risk(ns: Netns) -> None:
     """Docker's chain in legacy nat while iptables-nft is forced: the conflict is a risk."""
     ns.run(["iptables-legacy", "-t", "nat", "-N", "DOCKER"])
-    apply(ns, "iptables-nft")
+    apply(ns, "iptables-nft", expect=1)
     code, report = _doctor(ns, "--backend", "iptables-nft")
     assert code == 1 and "Docker writes iptables-legacy" in _risks(report)["docker"]
 
@@ -100,7 +100,7 @@ def test_capacity_in_use_and_untranslated_flows_are_risks(ns: Netns, tmp_path: P
         assert server.stdout is not None and server.stdout.readline() == b"ready\n"
         client = ns.popen([sys.executable, "-c", HOLD_CLIENT], stdout=subprocess.PIPE)
         assert client.stdout is not None and client.stdout.readline() == b"open\n"
-        delete_rule(ns, "nftables")
+        open_gap(ns, "nftables")
         assert not acl.connect(timeout=2)
         apply(ns, "nftables", "--config", str(cfg))
         code, report = _doctor(ns, "--config", str(cfg))

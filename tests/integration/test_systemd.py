@@ -31,6 +31,29 @@ def test_install_systemd_writes_unit_and_example_config(tmp_path: Path) -> None:
     assert config.read_text() == 'to_ports = "50000-60000"\n'  # an operator's config is never overwritten
 
 
+def test_an_edited_unit_is_kept_unless_forced(tmp_path: Path) -> None:
+    """A unit the operator edited survives a re-install; --force replaces it."""
+    install_systemd(tmp_path, sys.executable)
+    unit = tmp_path / "etc/systemd/system/portguard.service"
+    edited = unit.read_text().replace("RestartSec=2s", "RestartSec=5s")
+    unit.write_text(edited)
+    assert any(line.startswith("kept ") for line in install_systemd(tmp_path, sys.executable))
+    assert unit.read_text() == edited
+    install_systemd(tmp_path, sys.executable, force=True)
+    assert "RestartSec=2s" in unit.read_text()
+
+
+def test_install_systemd_rejects_paths_that_would_inject_directives(tmp_path: Path) -> None:
+    """A newline (or another control character) in --exec or --root: one line, exit 2, nothing written."""
+    for args in (["--exec", "/usr/bin/true\nExecStartPre=/bin/sh -c evil"], ["--exec", "relative/portguard"],
+                 ["--root", f"{tmp_path}/x\ty"]):
+        argv = ["--root", str(tmp_path), *args] if args[0] == "--exec" else [*args, "--exec", sys.executable]
+        proc = subprocess.run([sys.executable, "-m", "portguard", "install-systemd", *argv], capture_output=True,
+                              text=True, check=False)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert not (tmp_path / "etc").exists()
+
+
 def test_installed_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     """`systemd-analyze verify` accepts the installed unit (its ExecStart exists)."""
     install_systemd(tmp_path, sys.executable)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from portguard.config import Config, desired_rules, load_config, narrow_target_warning
+from portguard.config import Config, load_config, narrow_target_warning
+from portguard.desired import desired_rules
 from portguard.errors import ConfigError
 from portguard.rules import Action, Family, PortRange, Protocol
 
@@ -19,14 +20,19 @@ def _load(tmp_path: Path, text: str | None = None, env: dict[str, str] | None = 
     return load_config(path, env=env or {}, overrides=flags)
 
 
-def test_defaults_are_the_seed_rule(tmp_path: Path) -> None:
-    """With no configuration, TCP 32768-61000 is masqueraded to 49152-61000, bridges and lo excluded."""
+def test_defaults_translate_the_port_only(tmp_path: Path) -> None:
+    """With no configuration, per family: bridges and lo excluded, host TCP 32768-61000 gets a port-only SNAT to
+    49152-61000, forwarded TCP is masqueraded to the same ports; IPv4 and IPv6 both."""
     cfg = _load(tmp_path)
     assert cfg.source_ports == PortRange(32768, 61000) and cfg.to_ports == PortRange(49152, 61000)
     rules = desired_rules(cfg)
-    assert [r.action for r in rules] == [Action.RETURN] * 3 + [Action.MASQUERADE]
+    assert [(r.family, r.action) for r in rules] == [
+        (f, a) for f in (Family.IPV4, Family.IPV6) for a in [Action.RETURN] * 3 + [Action.SNAT, Action.MASQUERADE]
+    ]
     assert [r.out_interface for r in rules[:3]] == ["lo", "docker0", "br-+"]
-    assert rules[3].protocol is Protocol.TCP and rules[3].family is Family.IPV4
+    host, forwarded = rules[3], rules[4]
+    assert host.local_source and host.port_only and host.protocol is Protocol.TCP
+    assert not forwarded.local_source and forwarded.to_ports == PortRange(49152, 61000)
 
 
 def test_file_then_env_then_flags(tmp_path: Path) -> None:
@@ -67,15 +73,15 @@ def test_sections_and_lists(tmp_path: Path) -> None:
         ("protocols = []", "protocols: must name at least one"),
         ('families = ["ipx"]', "families: 'ipx' is not one of ipv4, ipv6"),
         ('[egress]\nexclude_interfaces = ["averyveryverylongname"]', "longer than 15 bytes"),
-        ('[egress]\ninterfaces = ["eth/0"]', "contains '/', ':' or whitespace"),
-        ('[egress]\ninterfaces = ["eth 0"]', "contains '/', ':' or whitespace"),
-        ('[egress]\ninterfaces = ["e+th"]', "only a trailing '+'"),
-        ('[egress]\ninterfaces = [""]', "interface name is empty"),
+        ('[egress]\ninterfaces = ["eth/0"]', "contains '/', ':', whitespace"),
+        ('[egress]\ninterfaces = ["eth 0"]', "contains '/', ':', whitespace"),
+        ('[egress]\ninterfaces = ["e+th"]', "a wildcard other than a trailing '+'"),
+        ('[egress]\ninterfaces = [""]', "'' is empty"),
         ("colour = 1", "colour: unknown key"),
         ("[daemon]\nnap = 1", "daemon.nap: unknown key"),
-        ("[daemon]\nreconcile_interval = -1", "daemon.reconcile_interval: expected a positive number"),
+        ("[daemon]\nreconcile_interval = -1", "daemon.reconcile_interval: expected 1 to 86400 seconds"),
         ('backend = "pf"', "backend: 'pf' is not one of"),
-        ('[metrics]\nlisten = "nowhere"', "metrics.listen: expected HOST:PORT"),
+        ('[metrics]\nlisten = "nowhere"', "metrics.listen: expected IP:PORT"),
         ("to_ports = [", "invalid TOML"),
     ],
 )

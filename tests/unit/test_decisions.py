@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from portguard.backends.base import State
-from portguard.backends.nftables import PRIORITY
+from portguard.backends.base import Observation, State
+from portguard.backends.nftables import PRIORITY, TableView
 from portguard.backends.nftables import assess as nft_assess
-from portguard.backends.xtables import CHAIN, JUMP_MARK, assess, parse_rule, rule_spec
+from portguard.backends.xtables import CHAIN, JUMP_MARK, assess, parse_rule, removal_plan, rule_spec
 from portguard.rules import Action, Family, PortRange, Protocol, Rule
 
 EXCL = Rule(Family.IPV4, Action.RETURN, out_interface="docker0")
@@ -88,11 +88,15 @@ def test_out_of_order_chain_is_misordered() -> None:
     assert State.MISORDERED in _states(obs) and plan.rewrite_chain
 
 
-def test_owned_rule_left_directly_in_postrouting_is_stale_and_deleted() -> None:
-    """A marked rule copied straight into POSTROUTING is stale and the plan deletes it by its text."""
-    stray = f"-A POSTROUTING {rule_spec(MASQ)}"
-    obs, plan = assess("t", RULES, _parse([JUMP, stray]), _chain(RULES))
-    assert obs.stale and plan.delete_postrouting == (stray[len("-A POSTROUTING ") :],) and not plan.insert_jump
+def test_look_alike_rules_in_postrouting_are_foreign_and_left_alone() -> None:
+    """In POSTROUTING only the exact jump is portguard's: a rule carrying one of its marks, a 'portguard:' prefix or
+    the jump's mark on another target is never stale and never deleted (it may still shadow, as any foreign rule)."""
+    strays = [f"-A POSTROUTING {rule_spec(MASQ)}", '-A POSTROUTING -m comment --comment "portguard:deadbeef" -j ACCEPT',
+              '-A POSTROUTING -m comment --comment "portguard: manual seed, keep" -j MASQUERADE']
+    obs, plan = assess("t", RULES, _parse([JUMP, *strays]), _chain(RULES))
+    assert obs.healthy and not obs.stale and plan.empty
+    removal = removal_plan(_parse([*strays, JUMP]), _chain(RULES))
+    assert removal.delete_postrouting == (JUMP[len("-A POSTROUTING "):],)
 
 
 def _nft_chain(prio: int = PRIORITY, **kw: Any) -> dict[str, Any]:
@@ -108,28 +112,49 @@ def _nft_chain(prio: int = PRIORITY, **kw: Any) -> dict[str, Any]:
     }
 
 
+def _nft(rules: list[Rule], chains: list[dict[str, Any]], comments: list[str] | None,
+         flags: frozenset[str] = frozenset()) -> Any:
+    statuses, stale, shadowed_by = nft_assess(rules, chains, TableView(list(comments) if comments is not None else None,
+                                                                         flags))
+    return Observation("nftables", tuple(statuses), tuple(stale), tuple(shadowed_by))
+
+
 def test_nft_healthy_and_absent() -> None:
     """Our table with both marks is healthy; without the table every rule is absent."""
-    own = [{"comment": r.mark} for r in RULES]
-    assert nft_assess(RULES, [_nft_chain()], own).healthy
-    assert [s.state for s in nft_assess(RULES, [], None).statuses] == [State.ABSENT] * 2
+    own = [r.mark for r in RULES]
+    assert _nft(RULES, [_nft_chain()], own).healthy
+    assert [s.state for s in _nft(RULES, [], None).statuses] == [State.ABSENT] * 2
 
 
-def test_nft_earlier_nat_chain_shadows_only_its_family() -> None:
-    """An ip-family nat chain at priority <= ours shadows IPv4 rules; one at srcnat (100) doesn't."""
-    own = [{"comment": r.mark} for r in RULES]
+def test_nft_earlier_nat_chain_shadows_only_its_family_and_is_no_reason_to_write() -> None:
+    """An ip-family nat chain at priority <= ours shadows IPv4 rules; one at srcnat (100) doesn't.  Shadowing by a
+    foreign chain is unfixable: reported (not healthy) but never a reason to rewrite."""
+    own = [r.mark for r in RULES]
     later = {"family": "ip", "table": "nat", "name": "POSTROUTING", "type": "nat", "hook": "postrouting", "prio": 100}
     early = {**later, "table": "x", "prio": 0}
-    assert nft_assess(RULES, [_nft_chain(), later], own).healthy
-    obs = nft_assess(RULES, [_nft_chain(), later, early], own)
+    assert _nft(RULES, [_nft_chain(), later], own).healthy
+    obs = _nft(RULES, [_nft_chain(), later, early], own)
     assert {s.state for s in obs.statuses} == {State.SHADOWED} and obs.shadowed_by == ("ip x POSTROUTING (priority 0)",)
+    assert not obs.healthy and not obs.needs_write and obs.unfixable
     v6 = Rule(Family.IPV6, Action.RETURN, out_interface="lo")
-    assert nft_assess([v6], [_nft_chain(), early], [{"comment": v6.mark}]).healthy
+    assert _nft([v6], [_nft_chain(), early], [v6.mark]).healthy
 
 
 def test_nft_wrong_priority_counts_as_absent_and_duplicates_are_seen() -> None:
     """A chain re-created at another priority is not ours to trust; two copies of a mark are duplicated."""
-    own = [{"comment": r.mark} for r in RULES]
-    assert {s.state for s in nft_assess(RULES, [_nft_chain(prio=100)], own).statuses} == {State.ABSENT}
-    dup = [*own, {"comment": MASQ.mark}]
-    assert [s.state for s in nft_assess(RULES, [_nft_chain()], dup).statuses] == [State.HEALTHY, State.DUPLICATED]
+    own = [r.mark for r in RULES]
+    assert {s.state for s in _nft(RULES, [_nft_chain(prio=100)], own).statuses} == {State.ABSENT}
+    dup = [*own, MASQ.mark]
+    assert [s.state for s in _nft(RULES, [_nft_chain()], dup).statuses] == [State.HEALTHY, State.DUPLICATED]
+
+
+def test_nft_dormant_table_is_drift_that_a_write_fixes() -> None:
+    """'flags dormant' keeps the rules listed but inactive: every rule is dormant, and it needs a write."""
+    obs = _nft(RULES, [_nft_chain()], [r.mark for r in RULES], frozenset({"dormant"}))
+    assert {s.state for s in obs.statuses} == {State.DORMANT} and obs.needs_write and not obs.healthy
+
+
+def test_nft_standby_table_never_shadows_the_primary() -> None:
+    """portguard's own standby at srcnat - 9 is not a foreign chain."""
+    standby = _nft_chain(prio=91, table="portguard_standby")
+    assert _nft(RULES, [_nft_chain(), standby], [r.mark for r in RULES]).healthy

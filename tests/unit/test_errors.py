@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from portguard.backends.iptables_nft import IptablesNftBackend
-from portguard.config import Config, desired_rules
-from portguard.errors import FatalError, RetryableError
+from portguard.config import Config
+from portguard.desired import desired_rules
+from portguard.errors import FatalError, RetryableError, UnfixableError
 
 
 class _Scripted(IptablesNftBackend):
@@ -59,4 +60,21 @@ def test_an_absent_chain_is_absent_only_when_the_listing_succeeded() -> None:
                                               "incompatible, use 'nft' tool.")})
     obs: Any = backend.observe(RULES)
     assert {s.state.value for s in obs.statuses} == {"absent"}
-    assert [c[-1] for c in backend.calls] == ["POSTROUTING", "PORTGUARD", "POSTROUTING"]
+    assert [c[-1] for c in backend.calls] == ["POSTROUTING", "PORTGUARD", "POSTROUTING", "PORTGUARD"]
+
+
+def test_a_kernel_refusal_is_unfixable_and_names_the_failing_line_not_the_banner() -> None:
+    """EINVAL from the kernel (exit 4, like a busy lock) is not retried as 'busy': an UnfixableError carrying the
+    line that failed, never the 'iptables-nft-restore v1.8.9 (nf_tables):' banner."""
+    err = ("iptables-nft-restore v1.8.9 (nf_tables): \n"
+           "line 3: RULE_APPEND failed (Invalid argument): rule in chain PORTGUARD\n")
+    with pytest.raises(UnfixableError, match=r"line 3: RULE_APPEND failed \(Invalid argument\)"):
+        _Scripted({"restore": (4, "", err)}).ensure(RULES)
+
+
+def test_rules_iptables_nft_cannot_read_are_a_named_unfixable_condition() -> None:
+    """An nft-native rule in ip nat makes `iptables-nft -S POSTROUTING` say 'incompatible': named, not fatal."""
+    backend = _Scripted({"POSTROUTING": (1, "", "iptables v1.8.9 (nf_tables): chain `POSTROUTING' in table `nat' is "
+                                                "incompatible, use 'nft' tool.")})
+    with pytest.raises(UnfixableError, match="holds rules iptables-nft cannot read"):
+        backend.observe(RULES)

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from portguard.backends import Observation, RuleStatus, State
-from portguard.config import Config, desired_rules
+from portguard.config import Config
+from portguard.desired import desired_rules
 from portguard.reconciler import Reconciler
 from portguard.rules import Rule
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from portguard.backends.nftables import render_table
 from portguard.backends.xtables import full_plan, render_restore, rule_spec
-from portguard.rules import Action, Family, PortRange, Protocol, Rule
+from portguard.rules import Action, Family, PortRange, Protocol, Rule, is_mark
 
 MASQ = Rule(Family.IPV4, Action.MASQUERADE, None, Protocol.TCP, PortRange(32768, 61000), PortRange(49152, 61000))
 EXCL = Rule(Family.IPV4, Action.RETURN, out_interface="br-+")
@@ -36,11 +36,37 @@ def test_restore_batch_creates_chain_before_jumping_to_it() -> None:
 
 
 def test_nft_rendering_uses_star_wildcard_and_srcnat_minus_10() -> None:
-    """The nft table hooks at srcnat - 10 and spells the interface wildcard with '*'."""
+    """The nft table hooks at srcnat - 10 and spells the interface wildcard with '*', as `nft list` prints it."""
     text = render_table([EXCL, MASQ])
     assert "type nat hook postrouting priority srcnat - 10; policy accept;" in text
     assert f'meta nfproto ipv4 oifname "br-*" return comment "{EXCL.mark}"' in text
     assert (
-        "meta nfproto ipv4 meta l4proto tcp th sport 32768-61000 counter masquerade to :49152-61000 "
+        "meta nfproto ipv4 tcp sport 32768-61000 counter packets 0 bytes 0 masquerade to :49152-61000 "
         f'comment "{MASQ.mark}"'
     ) in text
+
+
+def test_port_only_and_address_snat_render_alike_in_every_syntax() -> None:
+    """Host traffic: port-only SNAT (address kept); a host_ipv4 network: SNAT to that address; both with the port."""
+    host = Rule(Family.IPV4, Action.SNAT, None, Protocol.TCP, PortRange(32768, 61000), PortRange(49152, 61000),
+                local_source=True, fully_random=True)
+    net6 = Rule(Family.IPV6, Action.SNAT, None, Protocol.TCP, PortRange(32768, 61000), PortRange(49152, 61000),
+                source="fd00::/64", to_address="fd00::5")
+    assert rule_spec(host) == (
+        f'-p tcp -m tcp --sport 32768:61000 -m addrtype --src-type LOCAL -m comment --comment "{host.mark}" '
+        "-j SNAT --to-source :49152-61000 --random-fully"
+    )
+    assert rule_spec(net6).startswith("-s fd00::/64 -p tcp") and rule_spec(net6).endswith(
+        "-j SNAT --to-source [fd00::5]:49152-61000")
+    text = render_table([host, net6])
+    assert "fib saddr type local counter packets 0 bytes 0 snat to :49152-61000 fully-random" in text
+    assert "ip6 saddr fd00::/64 tcp sport 32768-61000 counter packets 0 bytes 0 snat ip6 to [fd00::5]:49152-61000" \
+        in text
+
+
+def test_marks_are_exact() -> None:
+    """Only 'portguard:' and exactly eight lowercase hex digits is a mark; look-alikes are foreign."""
+    assert is_mark(MASQ.mark)
+    for fake in ("portguard:deadbeef ", "portguard: manual seed, keep", "portguard:DEADBEEF", "portguard:dead",
+                 "xportguard:deadbeef", "portguard:deadbeef0", None):
+        assert not is_mark(fake), fake

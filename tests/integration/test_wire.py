@@ -1,0 +1,79 @@
+"""What leaves the host, as the far side sees it (address and port), through an ACL that rejects source ports
+below 49152: portguard moves the port and changes no address that Docker or the operator chose."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import BACKENDS, apply
+from netns import Netns
+from topology import ACL_LOW, NEAR_IP, NEAR_IP6, OPEN_PORT, SECONDARY_IP, SERVER_IP6, AclNetwork
+
+pytestmark = pytest.mark.netns
+
+
+@pytest.fixture
+def acl(ns: Netns) -> Iterator[AclNetwork]:
+    net = AclNetwork(ns, inner=True)
+    try:
+        yield net
+    finally:
+        net.close()
+
+
+def _apply(ns: Netns, backend: str, *extra: str) -> None:
+    if backend == "iptables-legacy":
+        # A legacy host that uses IPv6 NAT already has the legacy ip6 nat table (Docker with ip6tables
+        # registers it); portguard never registers one itself.
+        ns.run(["ip6tables-legacy", "-t", "nat", "-S", "POSTROUTING"])
+    apply(ns, backend, *extra)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_host_traffic_keeps_its_address_and_gets_a_high_port(ns: Netns, acl: AclNetwork, backend: str) -> None:
+    """Host connections from the primary and from a secondary address keep that address; both leave with a port in
+    the ACL's range (a plain MASQUERADE would rewrite the secondary address to the primary)."""
+    assert not acl.connect(source=SECONDARY_IP)  # control: rejected without portguard
+    _apply(ns, backend)
+    assert acl.connect(source=SECONDARY_IP)
+    assert acl.connect(source=NEAR_IP)
+    (addr2, port2), (addr1, port1) = acl.peers[-2:]
+    assert (addr2, addr1) == (SECONDARY_IP, NEAR_IP), acl.peers
+    assert port2 >= ACL_LOW and port1 >= ACL_LOW, acl.peers
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forwarded_traffic_is_masqueraded_with_a_high_port(ns: Netns, acl: AclNetwork, backend: str) -> None:
+    """A connection from a namespace behind the host leaves with the host's egress address and a high port."""
+    assert acl.inner is not None
+    assert not acl.connect(via=acl.inner)  # control: forwarded without NAT, no route back and a low port
+    _apply(ns, backend)
+    assert acl.connect(via=acl.inner)
+    addr, port = acl.peers[-1]
+    assert addr == NEAR_IP and port >= ACL_LOW, acl.peers
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ipv6_host_traffic_gets_a_high_port_with_its_own_address(ns: Netns, acl: AclNetwork, backend: str) -> None:
+    """IPv6 is translated by default: the far side sees the host's own IPv6 address and a high port."""
+    assert not acl.connect(server=SERVER_IP6)
+    _apply(ns, backend)
+    assert acl.connect(server=SERVER_IP6)
+    addr, port = acl.peers[-1]
+    assert addr == NEAR_IP6 and port >= ACL_LOW, acl.peers
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_excluded_destination_sees_the_original_port(ns: Netns, acl: AclNetwork, backend: str, tmp_path: Path) -> None:
+    """egress.exclude_destinations: connections to it keep their port and address; others are still translated."""
+    cfg = tmp_path / "pg.toml"
+    cfg.write_text('[egress]\nexclude_destinations = ["198.51.100.2/32", "2001:db8:ffff::/48"]\n')
+    _apply(ns, backend, "--config", str(cfg))
+    assert acl.connect(port=OPEN_PORT, source=SECONDARY_IP)
+    addr, port = acl.open_peers[-1]
+    assert addr == SECONDARY_IP and port < ACL_LOW, acl.open_peers
+    assert not acl.connect()  # the same destination behind the ACL: the original port is rejected
+    assert acl.connect(server=SERVER_IP6)  # IPv6 destination not excluded: translated
+    assert acl.peers[-1][1] >= ACL_LOW, acl.peers

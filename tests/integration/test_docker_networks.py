@@ -36,7 +36,8 @@ class Host:
         return self.acl.open_peers[-1]
 
     def healthy(self) -> bool:
-        return self.ns.portguard("check", "--backend", self.backend, env={"DOCKER_HOST": self.engine.host}).returncode == 0
+        env = {"DOCKER_HOST": self.engine.host}
+        return self.ns.portguard("check", "--backend", self.backend, env=env).returncode == 0
 
     def log(self) -> str:
         return "\n".join(str(e) for e in self.daemon.events() if e.get("level") != "debug")[-3000:]
@@ -106,8 +107,9 @@ def test_networks_coming_and_going_change_the_rules_in_one_sync_and_never_open_a
         for i in range(3):
             host.engine.docker("network", "create", "--subnet", f"10.74.{i}.0/24", "-o",
                                f"com.docker.network.host_ipv4={SECONDARY_IP}", f"pgchurn{i}")
+            docker = {"DOCKER_HOST": host.engine.host}
             assert wait_for(lambda i=i: f"net:pgchurn{i}" in host.ns.portguard(
-                "check", "--json", "--backend", host.backend, env={"DOCKER_HOST": host.engine.host}).stdout, 5), host.log()
+                "check", "--json", "--backend", host.backend, env=docker).stdout, 5), host.log()
             host.engine.docker("network", "create", "--subnet", f"10.73.{i}.0/24", f"pgplain{i}")
         for i in range(3):
             host.engine.docker("network", "rm", f"pgchurn{i}", f"pgplain{i}")

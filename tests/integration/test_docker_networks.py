@@ -104,10 +104,10 @@ def test_networks_coming_and_going_change_the_rules_in_one_sync_and_never_open_a
         f"while true; do wget -q -O - http://{SERVER_IP}:{OPEN_PORT}/ >/dev/null; sleep 0.05; done").stdout.strip()
     try:
         start = len(host.acl.open_peers)
+        docker = {"DOCKER_HOST": host.engine.host}
         for i in range(3):
             host.engine.docker("network", "create", "--subnet", f"10.74.{i}.0/24", "-o",
                                f"com.docker.network.host_ipv4={SECONDARY_IP}", f"pgchurn{i}")
-            docker = {"DOCKER_HOST": host.engine.host}
             assert wait_for(lambda i=i: f"net:pgchurn{i}" in host.ns.portguard(
                 "check", "--json", "--backend", host.backend, env=docker).stdout, 5), host.log()
             host.engine.docker("network", "create", "--subnet", f"10.73.{i}.0/24", f"pgplain{i}")

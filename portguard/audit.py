@@ -14,10 +14,10 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from portguard.conntrack import Flow
-from portguard.rules import PortRange
+from portguard.conntrack import Flow, is_untranslated, iter_flows
+from portguard.rules import Family, PortRange, Protocol
 
-__all__ = ["Route", "audit", "in_scope", "read_routes", "unprotected"]
+__all__ = ["Route", "audit", "audit_stream", "in_scope", "read_routes", "unprotected"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +56,11 @@ def read_routes() -> list[Route]:
     """Unicast routes of every table (``ip -j route``), local ones included."""
     routes = []
     for family in ("-4", "-6"):
-        proc = subprocess.run(["ip", family, "-j", "route", "show", "table", "all"], capture_output=True, text=True,
-                              timeout=10, check=False)
+        try:
+            proc = subprocess.run(["ip", family, "-j", "route", "show", "table", "all"], capture_output=True,
+                                  text=True, timeout=10, check=False)
+        except (OSError, subprocess.SubprocessError):
+            continue
         try:
             entries = json.loads(proc.stdout or "[]")
         except json.JSONDecodeError:
@@ -72,6 +75,21 @@ def read_routes() -> list[Route]:
             except ValueError:
                 continue
     return routes
+
+
+def audit_stream(families: Sequence[Family], protocols: Sequence[Protocol], *, source: PortRange,
+                 target: PortRange, interfaces: Sequence[str], excluded: Sequence[str],
+                 sample: int = 3) -> tuple[int, list[Flow]]:
+    """Count the unprotected flows while conntrack is read (memory stays flat); keep the first few as a sample."""
+    routes = read_routes()
+    count, first = 0, list[Flow]()
+    keep = lambda f: is_untranslated(f, source, target) and in_scope(egress_dev(routes, f.dst),  # noqa: E731
+                                                                     interfaces, excluded)
+    for flow in iter_flows(families, protocols, keep=keep):
+        count += 1
+        if len(first) < sample:
+            first.append(flow)
+    return count, first
 
 
 def audit(flows: Sequence[Flow], *, source: PortRange, target: PortRange, interfaces: Sequence[str],

@@ -140,7 +140,7 @@ def _dispatch(args: argparse.Namespace, cfg: Config, log: Logger) -> int:  # one
     if args.command == "doctor":
         from portguard.doctor import render, run_doctor
 
-        diagnosis = run_doctor(cfg)
+        diagnosis = run_doctor(cfg, _networks(cfg))
         print(render(diagnosis, as_json=args.json))
         return EXIT_DRIFT if diagnosis.risks else EXIT_OK
     if args.command == "run":
@@ -154,9 +154,8 @@ def _netfilter_command(args: argparse.Namespace, cfg: Config, log: Logger) -> in
     """apply, check, remove and render: one backend, the desired rules, one reconciler."""
     from portguard.detect import select_backend
     from portguard.reconciler import Reconciler
-    from portguard.watch.docker import read_networks
 
-    networks = read_networks(cfg.docker_host) or ()
+    networks = _networks(cfg)
     if args.command == "render" and cfg.backend != "auto":
         from portguard.backends import make_backend
 
@@ -190,6 +189,21 @@ def _netfilter_command(args: argparse.Namespace, cfg: Config, log: Logger) -> in
         log.warning("backend.conflict", detail=conflict)
     _print_report(obs, as_json=args.json)
     return EXIT_OK if obs.healthy else EXIT_DRIFT
+
+
+def _networks(cfg: Config) -> tuple[Any, ...]:
+    """Docker's networks: asked of Docker, else what the running daemon here last saw (so that check and
+    apply agree with it while Docker is away), else none."""
+    from portguard.runtime import RuntimeDir
+    from portguard.watch.docker import read_networks
+
+    found = read_networks(cfg.docker_host)
+    if found is None:
+        try:
+            found = RuntimeDir().load_networks()
+        except OSError:
+            found = None
+    return found or ()
 
 
 def _apply(reconciler: Any) -> int:

@@ -1,47 +1,49 @@
-"""``portguard run``: the event loop that keeps every configured rule healthy all day.
+"""``portguard run``: the composition of the parts that keep every configured rule healthy all day.
 
-Threads, each only *requesting* a sync from the one runner:
-  * the runner: coalesced, rate-limited full syncs with a jittered periodic backstop;
-  * the Docker watcher: network and daemon events, reconnect after the stream ends;
-  * the kernel watcher: nf_tables change notifications, or a cheap legacy fingerprint poll.
+Workers, each supervised (restarted after a crash; the daemon exits 2 when one cannot be kept alive):
+  * ``runner``: coalesced, rate-limited full syncs with a jittered periodic backstop (runner.py);
+  * ``docker``: network and daemon events and the network inventory (watch/docker.py);
+  * ``nft-notify`` and ``poll``: kernel change sources, as the backend asks (watch/sources.py);
+  * ``effects``: conntrack healing and the effect audit, never on the sync's path (effects.py);
+  * ``metrics``: /metrics and /healthz, bounded (metrics.py).
 The main thread waits for signals: SIGTERM/SIGINT stop (rules stay unless --cleanup-on-exit),
-SIGHUP reloads the config (an invalid one is logged and the old one stays in force).
+SIGHUP reloads the config (reload.py).  Health and systemd notification live in health.py.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import ctypes
-import errno
 import gc
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 from portguard import __version__
-from portguard.audit import audit
 from portguard.backends import Backend, make_backend
 from portguard.config import Config
-from portguard.conntrack import heal, list_flows
 from portguard.desired import desired_rules, skipped_networks
 from portguard.detect import select_backend
-from portguard.errors import ConfigError, FatalError, PortguardError, RetryableError, UnfixableError
+from portguard.effects import EffectWorker
+from portguard.errors import FatalError, PortguardError, RetryableError, UnfixableError
+from portguard.health import Health, StormMeter
 from portguard.logs import Logger
-from portguard.metrics import Metrics, serve
+from portguard.metrics import Metrics, MetricsServer
 from portguard.networks import DockerNetwork
 from portguard.reconciler import Reconciler
+from portguard.reload import Reloader
 from portguard.runner import Schedule, SyncRunner
+from portguard.runtime import RuntimeDir
 from portguard.sdnotify import Notifier
+from portguard.supervisor import Supervisor
 from portguard.watch.docker import DockerWatcher
-from portguard.watch.kernel import LegacyFingerprint, NftablesNotifications
+from portguard.watch.sources import change_sources
 
 __all__ = ["Daemon", "run_daemon"]
 
 _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+_SHUTDOWN_WAIT = 60.0  # the sync in flight finishes before --cleanup-on-exit removes anything
 
 
 def release_memory() -> None:
@@ -50,19 +52,6 @@ def release_memory() -> None:
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).malloc_trim(0)
-
-
-def instance_lock() -> socket.socket:
-    """Abstract unix sockets live in the network namespace: one bound name = one daemon per namespace."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind("\0portguard.run")
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise FatalError("another 'portguard run' is already active in this network namespace") from None
-        raise
-    return sock
 
 
 class Daemon:
@@ -75,35 +64,34 @@ class Daemon:
         cleanup_on_exit: bool = False,
         notifier: Notifier | None = None,
         metrics: Metrics | None = None,
+        runtime: RuntimeDir | None = None,
     ) -> None:
         self.cfg = cfg
         self._log = log
         self.metrics = metrics or Metrics()
-        self._reload_config = reload_config
         self._cleanup = cleanup_on_exit
-        self._notify = notifier or Notifier()
+        self._runtime = runtime
         self._lock = threading.Lock()
         self._networks: tuple[DockerNetwork, ...] = ()
-        self._unfixable = ""  # the last unfixable condition logged, so each change is logged once
-        self._reconciler = self._build(cfg)
+        self._unfixable = ""  # the unfixable condition last logged: each change is logged once
         self._fatal: PortguardError | None = None
-        self._ready = False
         self._docker_up = False
-        self._repairs: collections.deque[float] = collections.deque()
-        self._storm_logged_at = float("-inf")
-        self._last_watchdog = 0.0
-        self._last_beat = time.monotonic()
-        self._last_ok: float | None = None  # monotonic time of the last sync that ended healthy
-        self._last_healthy = False  # did the last sync end healthy
-        self._status = "starting"
-        self._audit_count = 0
-        self.runner_heartbeat = min(5.0, self._notify.watchdog_interval or 5.0)
+        self.supervisor = Supervisor(log, on_restart=lambda name: self.metrics.worker_restarts.labels(name).inc())
+        self.health = Health(notifier or Notifier(), reconcile_interval=cfg.daemon_reconcile_interval,
+                             workers_alive=self.supervisor.alive)
+        self.storm = StormMeter(cfg.daemon_storm_repairs, cfg.daemon_storm_window)
+        self.effects = EffectWorker(lambda: self.cfg, self.metrics, log)
+        self._reconciler = self._build(cfg)
         self.runner = SyncRunner(
             self._sync,
             Schedule(cfg.daemon_min_interval, cfg.daemon_reconcile_interval, cfg.daemon_max_backoff),
-            heartbeat=self._heartbeat,
-            heartbeat_interval=self.runner_heartbeat,
+            heartbeat=self.health.beat,
+            heartbeat_interval=self.health.heartbeat_interval,
         )
+        self._reloader = Reloader(reload_config, self._adopt, self.health, log)
+        self._docker: DockerWatcher | None = None
+
+    # ---- the rules: config, backend and Docker's inventory ----
 
     def _build(self, cfg: Config, current: Backend | None = None) -> Reconciler:
         selection = select_backend(cfg.backend, docker_host=cfg.docker_host,
@@ -123,14 +111,16 @@ class Daemon:
         for missing in (f for f in cfg.families if f not in families):
             self._log.warning("family.unavailable", family=missing.value, backend=backend.name,
                               detail="this host cannot translate it with this backend; other families stay enforced")
-        rules = desired_rules(cfg, self._networks, families)
-        return Reconciler(backend, rules, self._log, conflicts=selection.conflicts)
+        return Reconciler(backend, desired_rules(cfg, self._networks, families), self._log,
+                          conflicts=selection.conflicts)
 
-    def _families(self, reconciler: Reconciler) -> list[Any]:
-        return sorted({r.family for r in reconciler.rules})
+    @property
+    def reconciler(self) -> Reconciler:
+        with self._lock:
+            return self._reconciler
 
     def set_networks(self, networks: tuple[DockerNetwork, ...]) -> None:
-        """Docker's inventory changed (or was read again): derive the rules; the caller requests the sync."""
+        """Docker's inventory was read: derive the rules (the watcher requests the sync right after)."""
         with self._lock:
             self._networks = networks
             reconciler = self._reconciler
@@ -139,65 +129,65 @@ class Daemon:
         if changed:
             self._log.info("docker.networks", networks=len(networks), rules=len(reconciler.rules),
                            skipped=skipped_networks(networks))
-
-    @property
-    def reconciler(self) -> Reconciler:
-        with self._lock:
-            return self._reconciler
+        if self._runtime is not None:
+            self._runtime.save_networks(networks)
 
     # ---- the one sync every trigger requests ----
 
     def _sync(self) -> bool:
+        """One sync and what follows from it; True unless a retry (with backoff) is wanted."""
         reconciler = self.reconciler
+        name = reconciler.backend.name
         started = time.perf_counter()
         try:
             report = reconciler.sync()
         except UnfixableError as exc:
-            # No write of portguard's can fix it: report each change once, keep going at full speed, no backoff.
-            self._last_healthy = False
-            self._report_unfixable(str(exc), reconciler.backend.name)
-            self._set_status(f"unfixable: {exc}")
+            # No write of portguard's can fix it: report each change once, no rewrites, no backoff.
+            self.metrics.sync_failures.labels("unfixable").inc()
+            self._report_unfixable(str(exc), name)
+            self.health.synced(False, f"unfixable: {exc}")
             return True
         except RetryableError as exc:
+            self.metrics.sync_failures.labels("retry").inc()
             self._log.warning("sync.failed", error=str(exc), retry=True)
-            self._set_status(f"retrying: {exc}")
+            self.health.synced(False, f"retrying: {exc}")
             return False
         except FatalError as exc:
+            self.metrics.sync_failures.labels("fatal").inc()
             self._log.critical("sync.fatal", error=str(exc))
             self._fatal = exc  # the main thread exits 2 so systemd can act
             return False
-        except Exception:  # noqa: BLE001  # a bug must cost one sync, never the runner thread
+        except Exception:  # noqa: BLE001  # a bug must cost one sync, never the runner
+            self.metrics.sync_failures.labels("internal").inc()
             self._log.error("sync.crashed", exc_info=True)
-            self._set_status("retrying after an internal error")
+            self.health.synced(False, "retrying after an internal error")
             return False
-        healthy = report.after.healthy
-        self._last_healthy = healthy
-        self._report_unfixable("; ".join(report.after.unfixable), reconciler.backend.name)
-        self.metrics.observed(report.after, ok=healthy, seconds=time.perf_counter() - started, now=time.time())
-        if healthy:
-            self._last_ok = time.monotonic()
+        after = report.after
+        self.metrics.observed(after, ok=after.healthy, seconds=time.perf_counter() - started, now=time.time())
+        self._report_unfixable("; ".join(after.unfixable), name)
         if report.repaired:
             self.metrics.repaired(report.repaired)
             self._after_repair(report.repaired)
-        elif self._repairs:
-            self._storming(time.monotonic())
-        total = len(report.after.statuses)
-        if healthy:
-            self._set_status(
-                f"healthy: {total} rules ({reconciler.backend.name}); docker "
-                f"{'connected' if self._docker_up else 'not connected'}"
-            )
-            if not self._ready:
-                self._ready = True
-                self._notify.send("READY=1", f"STATUS={self._status}")
-                release_memory()
+        total = len(after.statuses)
+        if after.healthy:
+            status = (f"healthy: {total} rules ({name}); docker "
+                      f"{'connected' if self._docker_up else 'not connected'}")
         else:
-            bad = sum(1 for s in report.after.statuses if s.state.value != "healthy")
-            self._set_status(f"unhealthy: {bad} of {total} rules ({reconciler.backend.name})")
-        return healthy
+            bad = sum(1 for s in after.statuses if s.state.value != "healthy")
+            status = f"unhealthy: {bad} of {total} rules ({name})"
+        if self.health.synced(after.healthy, status):
+            release_memory()
+        return not after.needs_write
+
+    def _after_repair(self, repaired: tuple[tuple[str, object], ...]) -> None:
+        if self.storm.repaired(time.monotonic()):
+            self._log.error("rule.repair_storm", repairs=self.storm.count(time.monotonic()),
+                            window_s=self.storm.window, rules=sorted({name for name, _ in repaired}),
+                            hint="another program keeps removing or overriding portguard's rules; repairs go on "
+                                 "at full speed")
+        self.effects.request_heal()
 
     def _report_unfixable(self, what: str, backend: str) -> None:
-        """Log an unfixable condition once per change (and its end), never once per sync."""
         if what == self._unfixable:
             return
         if what:
@@ -206,168 +196,69 @@ class Daemon:
             self._log.info("rule.unfixable_cleared", was=self._unfixable, backend=backend)
         self._unfixable = what
 
-    def _storming(self, now: float) -> bool:
-        """Forget repairs older than the window; are there still enough for a fight?  A fight is reported,
-        never answered by slowing down: a delayed repair is a gap every new connection falls into."""
-        while self._repairs and self._repairs[0] < now - self.cfg.daemon_storm_window:
-            self._repairs.popleft()
-        return len(self._repairs) >= self.cfg.daemon_storm_repairs
+    def healthy(self) -> bool:
+        return self.health.healthy()
 
-    def _after_repair(self, repaired: tuple[tuple[str, Any], ...]) -> None:
-        now = time.monotonic()
-        window = self.cfg.daemon_storm_window
-        self._repairs.append(now)
-        if self._storming(now) and now - self._storm_logged_at >= window:
-            self._storm_logged_at = now
-            self._log.error(
-                "rule.repair_storm",
-                repairs=len(self._repairs),
-                window_s=window,
-                rules=sorted({name for name, _ in repaired}),
-                hint="another program keeps removing or overriding portguard's rules",
-            )
-        if self.cfg.daemon_conntrack_heal:
-            try:
-                cleared = heal(self.cfg.families, self.cfg.protocols, self.cfg.source_ports, self.cfg.to_ports)
-            except (OSError, TimeoutError) as exc:
-                self._log.warning("conntrack.heal_failed", error=str(exc))
-                return
-            if cleared:
-                self.metrics.conntrack_healed.inc(cleared)
-                self._log.info("conntrack.healed", entries=cleared)
+    # ---- workers ----
 
-    def _set_status(self, status: str) -> None:
-        if status != self._status:
-            self._status = status
-            self._notify.send(f"STATUS={status}")
-
-    def _heartbeat(self) -> None:
-        interval = self._notify.watchdog_interval
-        now = time.monotonic()
-        self._last_beat = now
-        if interval is not None and now - self._last_watchdog >= interval * 0.9:
-            self._last_watchdog = now
-            self._notify.send("WATCHDOG=1")
+    def _docker_worker(self, cfg: Config) -> Callable[[threading.Event], None]:
+        watcher = DockerWatcher(
+            lambda _why: self.runner.request(),
+            self.runner.request_in,
+            self._log,
+            docker_host=cfg.docker_host,
+            max_backoff=cfg.daemon_max_backoff,
+            on_connection=self._set_docker,
+            on_networks=self.set_networks,
+        )
+        self._docker = watcher
+        return watcher.run
 
     def _set_docker(self, up: bool) -> None:
         self._docker_up = up
         self.metrics.docker_connected.set(1 if up else 0)
 
-    def healthy(self) -> bool:
-        """For /healthz: the loop is alive and the last sync ended healthy, recently."""
-        now = time.monotonic()
-        alive = now - self._last_beat <= max(10.0, 2 * self.runner_heartbeat)
-        recent = self._last_ok is not None and now - self._last_ok <= 2 * self.cfg.daemon_reconcile_interval + 30
-        return alive and recent and self._last_healthy
-
-    def _audit_loop(self, stop: threading.Event) -> None:
-        """The effect audit: flows that left with a matched but untranslated port."""
-        while not stop.wait(self.cfg.daemon_audit_interval):
-            self.audit_once()
-            release_memory()
-
-    def audit_once(self) -> int:
-        cfg = self.cfg
-        try:
-            flows = audit(list_flows(cfg.families, cfg.protocols), source=cfg.source_ports, target=cfg.to_ports,
-                          interfaces=cfg.egress_interfaces, excluded=cfg.egress_exclude_interfaces)
-        except (OSError, TimeoutError) as exc:
-            self._log.warning("audit.failed", error=str(exc))
-            return self._audit_count
-        self.metrics.untranslated.set(len(flows))
-        if len(flows) != self._audit_count and flows:
-            self._log.warning("audit.untranslated", flows=len(flows),
-                              first=[f"{f.protocol} {f.src}:{f.sport} -> {f.dst}:{f.dport}" for f in flows[:3]])
-        self._audit_count = len(flows)
-        return len(flows)
-
-    # ---- triggers ----
-
-    def _watched_tables(self) -> frozenset[bytes] | None:
-        """Tables whose rule changes can matter, as the backend says (table and chain changes always do)."""
-        return self.reconciler.backend.watch.nf_tables
-
-    def _kernel_watcher(self) -> Callable[[], None]:
-        """Start the change sources: nf_tables notifications where the kernel has them, and a poll that
-        covers legacy tables (which notify nobody) or a host without notifications.  Both look at the
-        current backend on every event, so a SIGHUP that changes the backend needs no restart."""
-        stop = threading.Event()
-        notifications: NftablesNotifications | None = None
-        try:
-            notifications = NftablesNotifications(lambda _why: self.runner.request(), self._log,
-                                                  self._watched_tables)
-        except OSError as exc:
-            self._log.warning("kernel.notifications_unavailable", error=str(exc), fallback="poll")
-        else:
-            threading.Thread(target=notifications.run, name="nft-notify", daemon=True).start()
-        threading.Thread(target=self._poll, args=(stop, notifications is not None), name="poll", daemon=True).start()
-
-        def stop_all() -> None:
-            stop.set()
-            if notifications is not None:
-                notifications.stop()
-
-        return stop_all
-
-    def _poll(self, stop: threading.Event, notified: bool) -> None:
-        """Legacy tables send no notifications: compare a cheap fingerprint every poll interval."""
-        prints = [LegacyFingerprint(False), LegacyFingerprint(True)]
-        last: list[tuple[int, ...] | None] = [None, None]
-        while not stop.wait(self.cfg.daemon_poll_interval):
-            if self.reconciler.backend.watch.poll_legacy:
-                now = [p.read() for p in prints]
-                if now != last:
-                    last = now
-                    self.runner.request()
-            elif not notified:
-                self.runner.request()
+    def _start_workers(self) -> None:
+        sup = self.supervisor
+        sup.start("runner", self.runner.loop)
+        sup.start("docker", self._docker_worker(self.cfg))
+        sources = change_sources(lambda: self.reconciler.backend.watch, lambda _why: self.runner.request(),
+                                 self._log, poll_interval=lambda: self.cfg.daemon_poll_interval,
+                                 on_malformed=self.metrics.malformed.inc)
+        for name, work in sources.items():
+            sup.start(name, work)
+        sup.start("effects", self.effects.run)
+        if self.cfg.metrics_listen:
+            sup.start("metrics", MetricsServer(self.metrics, self.cfg.metrics_listen, self.healthy, self._log).run)
 
     # ---- life cycle ----
 
-    def _reload(self) -> None:
-        try:
-            cfg = self._reload_config()
-            reconciler = self._build(cfg, current=self.reconciler.backend)
-        except (ConfigError, FatalError) as exc:
-            self._log.error("config.reload_failed", error=str(exc), kept=self.cfg.source)
-            return
+    def _adopt(self, cfg: Config) -> None:
+        """A new config (SIGHUP): everything is built before anything is switched."""
+        reconciler = self._build(cfg, current=self.reconciler.backend)
+        old = self.cfg
         with self._lock:
             self.cfg = cfg
             self._reconciler = reconciler
         self.runner.configure(cfg.daemon_min_interval, cfg.daemon_reconcile_interval, cfg.daemon_max_backoff)
-        self._log.info("config.reloaded", source=cfg.source, rules=len(reconciler.rules))
+        self.storm = StormMeter(cfg.daemon_storm_repairs, cfg.daemon_storm_window)
+        self.health.reconcile_interval = cfg.daemon_reconcile_interval
+        if cfg.docker_host != old.docker_host:
+            if self._docker is not None:
+                self._docker.stop()
+            self.supervisor.restart("docker", self._docker_worker(cfg))
         self.runner.request()
 
     def run(self) -> int:
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)  # threads started below inherit the mask
-        self._log.info(
-            "daemon.started",
-            version=__version__,
-            backend=self.reconciler.backend.name,
-            rules=len(self.reconciler.rules),
-            config=self.cfg.source,
-        )
-        runner_thread = threading.Thread(target=self.runner.loop, name="runner", daemon=True)
-        runner_thread.start()
-        docker = DockerWatcher(
-            lambda _why: self.runner.request(),
-            self.runner.request_in,
-            self._log,
-            docker_host=self.cfg.docker_host,
-            max_backoff=self.cfg.daemon_max_backoff,
-            on_connection=self._set_docker,
-            on_networks=self.set_networks,
-        )
-        threading.Thread(target=docker.run, name="docker", daemon=True).start()
-        stop_kernel = self._kernel_watcher()
-        stop_audit = threading.Event()
-        threading.Thread(target=self._audit_loop, args=(stop_audit,), name="audit", daemon=True).start()
-        server = serve(self.metrics, self.cfg.metrics_listen, self.healthy) if self.cfg.metrics_listen else None
+        self._log.info("daemon.started", version=__version__, backend=self.reconciler.backend.name,
+                       rules=len(self.reconciler.rules), config=self.cfg.source)
+        self._start_workers()
         exit_code = 0
         try:
             while True:
                 info = signal.sigtimedwait(_SIGNALS, 0.25)
-                if self._fatal is not None:
+                if self._fatal is not None or self.supervisor.failed.is_set():
                     exit_code = 2
                     break
                 # CPython may hand back a struct it never filled when the wait is interrupted
@@ -376,33 +267,38 @@ class Daemon:
                     continue
                 if info.si_signo == signal.SIGHUP:
                     self._log.info("daemon.reload_requested")
-                    self._reload()
+                    self._reloader.reload(self.cfg)
                     continue
                 self._log.info("daemon.stopping", signal=signal.Signals(info.si_signo).name, cleanup=self._cleanup)
                 break
         finally:
-            self._notify.send("STOPPING=1")
-            self.runner.stop()
-            stop_audit.set()
-            docker.stop()
-            if server is not None:
-                server.shutdown()
-            stop_kernel()
-            # The sync in flight finishes first: a write landing after the cleanup would put the rules back.
-            runner_thread.join(60.0)
-            if self._cleanup:
-                with contextlib.suppress(PortguardError):
-                    self.reconciler.remove()
-            # Closing the libnftables context ends the table's ownership; the kernel deletes the owned table
-            # and the standby keeps the rules in force until the next start (unless cleaned up above).
-            self.reconciler.backend.close()
+            self._shutdown()
         self._log.info("daemon.stopped", exit_code=exit_code)
         return exit_code
+
+    def _shutdown(self) -> None:
+        self.health.stopping()
+        self.supervisor.stopping.set()
+        self.runner.stop()
+        if self._docker is not None:
+            self._docker.stop()
+        self.supervisor.stop(timeout=_SHUTDOWN_WAIT)  # the runner's sync in flight ends first
+        if self._cleanup:
+            with contextlib.suppress(PortguardError):
+                self.reconciler.remove()
+        # Closing the libnftables context ends the table's ownership; the kernel deletes the owned table
+        # and the standby keeps the rules in force until the next start (unless cleaned up above).
+        self.reconciler.backend.close()
 
 
 def run_daemon(
     cfg: Config, log: Logger, *, cleanup_on_exit: bool = False, reload_config: Callable[[], Config] | None = None
 ) -> int:
-    with instance_lock():
-        daemon = Daemon(cfg, log, reload_config=reload_config or (lambda: cfg), cleanup_on_exit=cleanup_on_exit)
+    runtime = RuntimeDir()
+    runtime.lock()
+    try:
+        daemon = Daemon(cfg, log, reload_config=reload_config or (lambda: cfg), cleanup_on_exit=cleanup_on_exit,
+                        runtime=runtime)
         return daemon.run()
+    finally:
+        runtime.unlock()

@@ -26,7 +26,6 @@ from portguard.detect import Selection, docker_firewall_driver, docker_iptables_
 from portguard.networks import DockerNetwork
 from portguard.reconciler import Reconciler
 from portguard.rules import PortRange, Rule
-from portguard.watch.docker import read_networks
 
 __all__ = ["Finding", "Report", "capacity_use", "escaping_ports", "run_doctor"]
 
@@ -135,7 +134,7 @@ def _docker(report: Report, cfg: Config, selection: Selection) -> None:
         report.add("docker", "risk", conflict)
 
 
-def run_doctor(cfg: Config) -> Report:
+def run_doctor(cfg: Config, networks: Sequence[DockerNetwork] = ()) -> Report:
     report = Report()
     selection = select_backend(cfg.backend, docker_host=cfg.docker_host)
     report.backend, report.backend_reason = selection.backend.name, selection.reason
@@ -145,7 +144,6 @@ def run_doctor(cfg: Config) -> Report:
     _docker(report, cfg, selection)
 
     # The rules, and everything that decides NAT before them.
-    networks = read_networks(cfg.docker_host) or ()
     families = [f for f in cfg.families if f in selection.backend.families()]
     for missing in (f for f in cfg.families if f not in families):
         report.add("families", "info", f"{missing.value} is not translated: this host cannot do {missing.value} NAT "

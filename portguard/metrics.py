@@ -7,19 +7,21 @@ several daemons in one process don't share counters.
 from __future__ import annotations
 
 import socket
+import socketserver
 import threading
 from collections.abc import Callable, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from portguard import __version__
 from portguard.backends import Observation, State
-from portguard.errors import FatalError
+from portguard.logs import Logger
 
-__all__ = ["Metrics", "serve"]
+__all__ = ["Metrics", "MetricsServer"]
 
 
 class Metrics:
@@ -42,6 +44,15 @@ class Metrics:
                                   "Flows in the scope that left with a matched but untranslated source port",
                                   registry=r)
         self.build_info = Gauge("portguard_build_info", "Version and backend", ["version", "backend"], registry=r)
+        self.sync_failures = Counter("portguard_sync_failures", "Syncs and effect checks that failed, by kind",
+                                     ["kind"], registry=r)
+        self.worker_restarts = Counter("portguard_worker_restarts", "Workers restarted after a crash", ["worker"],
+                                       registry=r)
+        self.bypasses = Gauge("portguard_nat_bypasses", "Rules elsewhere that make matched traffic skip NAT",
+                              registry=r)
+        self.malformed = Counter("portguard_netlink_malformed", "nf_tables notifications skipped as malformed",
+                                 registry=r)
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, CPU seconds, open fds
         self._backend = ""
 
     def set_backend(self, backend: str) -> None:
@@ -64,36 +75,94 @@ class Metrics:
             self.repairs.labels(name, reason.value).inc()
 
 
-def serve(metrics: Metrics, listen: str, healthy: Callable[[], bool]) -> ThreadingHTTPServer:
-    """Serve /metrics and /healthz on ``listen`` (HOST:PORT) from a daemon thread."""
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]")
+class MetricsServer:
+    """/metrics and /healthz on ``listen``: a fixed pool of handler threads, a socket timeout per connection,
+    connections beyond the pool and a short queue closed at once.  A bind failure (the port taken, by anyone)
+    is logged and retried: it never stops enforcement."""
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # the name http.server dispatches to
-            if self.path.split("?")[0] == "/metrics":
-                body, code, ctype = generate_latest(metrics.registry), 200, CONTENT_TYPE_LATEST
-            elif self.path.split("?")[0] == "/healthz":
-                ok = healthy()
-                body, code, ctype = (b"ok\n" if ok else b"unhealthy\n"), (200 if ok else 503), "text/plain"
-            else:
-                body, code, ctype = b"not found\n", 404, "text/plain"
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    POOL = 4
+    QUEUE = 16
+    TIMEOUT = 5.0
 
-        def log_message(self, format: str, *args: Any) -> None:  # scrapes are not events
-            return
+    def __init__(self, metrics: Metrics, listen: str, healthy: Callable[[], bool], log: Logger) -> None:
+        self._metrics = metrics
+        self.listen = listen
+        self._healthy = healthy
+        self._log = log
 
-    class Server(ThreadingHTTPServer):
-        daemon_threads = True
-        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    def _server(self) -> socketserver.TCPServer:
+        host, _, port = self.listen.rpartition(":")
+        host = host.strip("[]")
+        metrics, healthy = self._metrics, self._healthy
 
-    try:
-        server = Server((host, int(port)), Handler)
-    except OSError as exc:
-        raise FatalError(f"metrics.listen {listen}: {exc.strerror}") from None
-    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-    return server
+        class Handler(BaseHTTPRequestHandler):
+            timeout = MetricsServer.TIMEOUT  # StreamRequestHandler puts it on the socket: idle clients go
+
+            def do_GET(self) -> None:  # the name http.server dispatches to
+                path = self.path.split("?")[0]
+                if path == "/metrics":
+                    body, code, ctype = generate_latest(metrics.registry), 200, CONTENT_TYPE_LATEST
+                elif path == "/healthz":
+                    ok = healthy()
+                    body, code, ctype = (b"ok\n" if ok else b"unhealthy\n"), (200 if ok else 503), "text/plain"
+                else:
+                    body, code, ctype = b"not found\n", 404, "text/plain"
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # scrapes are not events
+                return
+
+        pool = ThreadPoolExecutor(max_workers=self.POOL, thread_name_prefix="metrics-handler")
+        slots = threading.BoundedSemaphore(self.POOL + self.QUEUE)
+
+        class Server(socketserver.TCPServer):
+            allow_reuse_address = True
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+            def process_request(self, request: Any, client_address: Any) -> None:
+                if not slots.acquire(blocking=False):
+                    self.shutdown_request(request)  # more clients than the pool and its queue: refuse, stay bounded
+                    return
+                pool.submit(self._handle, request, client_address)
+
+            def _handle(self, request: Any, client_address: Any) -> None:
+                try:
+                    self.finish_request(request, client_address)
+                except (OSError, ValueError):
+                    return  # a client that times out or misbehaves costs its own connection only
+                finally:
+                    self.shutdown_request(request)
+                    slots.release()
+
+            def server_close(self) -> None:
+                super().server_close()
+                pool.shutdown(wait=False, cancel_futures=True)
+
+        return Server((host, int(port)), Handler)
+
+    def run(self, stop: threading.Event) -> None:
+        """Serve until ``stop``; retry a failed bind with backoff, logging the first failure and then rarely."""
+        failures = 0
+        while not stop.is_set():
+            try:
+                server = self._server()
+            except OSError as exc:
+                failures += 1
+                if failures == 1 or failures % 20 == 0:
+                    self._log.error("metrics.bind_failed", listen=self.listen, error=exc.strerror, attempts=failures,
+                                    detail="enforcement continues; retrying")
+                stop.wait(min(30.0, 0.25 * 2 ** min(failures, 7)))
+                continue
+            if failures:
+                self._log.info("metrics.listening", listen=self.listen, after_attempts=failures)
+            failures = 0
+            server.timeout = 0.5
+            try:
+                while not stop.is_set():
+                    server.handle_request()
+            finally:
+                server.server_close()

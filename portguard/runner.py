@@ -43,10 +43,13 @@ class Schedule:
         self.later.append(when)
 
     def due(self, now: float) -> bool:
-        """Is a sync wanted now (ignoring the rate limit)?"""
+        """Is a sync wanted now (ignoring the rate limit)?  A new request cuts a backoff short, as in
+        Kubernetes' BoundedFrequencyRunner: the change it reports may be exactly what the retry waits for."""
+        if self.pending:
+            return True
         if self.retry_at is not None:
             return now >= self.retry_at
-        return self.pending or now >= self.next_periodic or any(t <= now for t in self.later)
+        return now >= self.next_periodic or any(t <= now for t in self.later)
 
     def next_wakeup(self, now: float) -> float:
         """When to look again: the earliest of every deadline, respecting the minimum interval."""
@@ -123,7 +126,8 @@ class SyncRunner:
             self.schedule.max_backoff = max_backoff
             self._cond.notify()
 
-    def loop(self) -> None:
+    def loop(self, _stop: threading.Event | None = None) -> None:
+        """Run until stop(); the event argument lets a supervisor run it (stop() is what ends it)."""
         with self._cond:
             self.schedule.start(self._clock())
         while True:

@@ -63,6 +63,7 @@ class DockerWatcher:
         return docker.APIClient(timeout=10, **kwargs)
 
     def stop(self) -> None:
+        """End run(): set the event and close the event stream it may be blocked on."""
         self._stop.set()
         with self._lock:
             stream = self._stream
@@ -72,7 +73,9 @@ class DockerWatcher:
             except Exception:  # noqa: BLE001  # closing a half-dead HTTP stream may raise anything
                 self._log.debug("docker.close_failed", exc_info=True)
 
-    def run(self) -> None:
+    def run(self, stop: threading.Event | None = None) -> None:
+        if stop is not None:
+            self._stop = stop  # the supervisor's event; stop() still closes a blocked stream
         failures = 0
         last_unavailable_log = float("-inf")
         while not self._stop.is_set():

@@ -23,7 +23,7 @@ from portguard.backends.xtables import legacy_nat_registered
 from portguard.logs import Logger
 from portguard.rules import Family
 
-__all__ = ["LegacyFingerprint", "NftablesNotifications", "relevant"]
+__all__ = ["LegacyFingerprint", "NftablesNotifications", "malformed", "relevant"]
 
 NETLINK_NETFILTER = 12
 SOL_NETLINK = 270
@@ -54,41 +54,56 @@ def relevant(data: bytes, tables: frozenset[bytes] | None) -> bool:
         # A burst (a flush of thousands of rules) wants a sync anyway, and parsing it message by
         # message would delay that sync by the parse time; a watched name anywhere is a quick yes.
         return True
+    return _scan(data, tables)[0]
+
+
+def malformed(data: bytes) -> bool:
+    """Is the chunk not a sequence of whole netlink messages (truncated, or lengths that don't add up)?"""
+    return _scan(data, frozenset())[1]
+
+
+def _scan(data: bytes, tables: frozenset[bytes]) -> tuple[bool, bool]:
+    """(relevant, malformed) for a chunk; a malformed chunk is always relevant: don't guess."""
     offset = 0
-    while offset + _NLMSG_HDR.size <= len(data):
+    hit = False
+    while offset < len(data):
+        if offset + _NLMSG_HDR.size > len(data):
+            return True, True
         length, msg_type, _flags, _seq, _pid = _NLMSG_HDR.unpack_from(data, offset)
-        if length < _NLMSG_HDR.size:
-            return True  # malformed: don't guess
+        if length < _NLMSG_HDR.size or offset + length > len(data):
+            return True, True
         subsys, msg = msg_type >> 8, msg_type & 0xFF
         if subsys == NFNL_SUBSYS_NFTABLES and msg != NFT_MSG_NEWGEN:
-            if msg not in _PER_TABLE:
-                return True
             attr = offset + _NLMSG_HDR.size + 4  # skip struct nfgenmsg
-            if attr + _NLA_HDR.size <= offset + length:
+            if msg not in _PER_TABLE or attr + _NLA_HDR.size > offset + length:
+                hit = True
+            else:
                 nla_len, nla_type = _NLA_HDR.unpack_from(data, attr)
                 name = data[attr + _NLA_HDR.size : attr + nla_len].rstrip(b"\0")
-                if (nla_type & 0x3FFF) != 1 or name in tables:
-                    return True
-            else:
-                return True
+                hit = hit or (nla_type & 0x3FFF) != 1 or name in tables
         offset += (length + 3) & ~3
-    return False
+    return hit, False
 
 
 class NftablesNotifications:
-    """Requests a sync on every burst of nf_tables change notifications that could matter."""
+    """Requests a sync on every burst of nf_tables change notifications that could matter.
+
+    Malformed or truncated messages (anything that is not whole netlink messages) are skipped,
+    counted and still request a sync; nothing a socket delivers ends the watcher.
+    """
 
     def __init__(
         self,
         request: Callable[[str], None],
         log: Logger,
         tables: Callable[[], frozenset[bytes] | None] = lambda: None,
+        on_malformed: Callable[[], None] = lambda: None,
     ) -> None:
         self._request = request
         self._log = log
         self._tables = tables
-        self._stop = threading.Event()
-        self._sock = self._open()
+        self._on_malformed = on_malformed
+        self._sock: socket.socket | None = self._open()  # fails here when the kernel has no notifications
 
     @staticmethod
     def _open() -> socket.socket:
@@ -97,35 +112,48 @@ class NftablesNotifications:
             sock.bind((0, 0))
             sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-            sock.settimeout(0.5)  # lets stop() be seen without closing under a blocked recv
+            sock.settimeout(0.5)  # lets stop be seen without closing under a blocked recv
         except OSError:
             sock.close()
             raise
         return sock
 
-    def stop(self) -> None:
-        self._stop.set()
+    def run(self, stop: threading.Event) -> None:
+        if self._sock is None:
+            self._sock = self._open()
+            self._request("kernel.resubscribed")  # changes may have been missed while it was closed
+        try:
+            while not stop.is_set():
+                try:
+                    data = self._sock.recv(_CHUNK)
+                except TimeoutError:
+                    continue
+                except OSError as exc:
+                    if exc.errno != errno.ENOBUFS:
+                        self._reopen(exc, stop)
+                    # Overrun or a lost subscription: changes may have been missed; sync.
+                    self._request("kernel.overrun")
+                    continue
+                self._handle(data)
+        finally:
+            self._sock.close()
+            self._sock = None
 
-    def run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self._sock.recv(_CHUNK)
-            except TimeoutError:
-                continue
-            except OSError as exc:
-                if exc.errno != errno.ENOBUFS:
-                    self._reopen(exc)
-                # Overrun or a lost subscription: changes may have been missed; sync.
-                self._request("kernel.overrun")
-                continue
-            if data and relevant(data, self._tables()):
-                self._request("kernel.nftables")
-        self._sock.close()
+    def _handle(self, data: bytes) -> None:
+        if not data:
+            return
+        if malformed(data):
+            self._on_malformed()
+            self._log.debug("kernel.malformed", size=len(data))
+            self._request("kernel.malformed")
+        elif relevant(data, self._tables()):
+            self._request("kernel.nftables")
 
-    def _reopen(self, exc: OSError) -> None:
+    def _reopen(self, exc: OSError, stop: threading.Event) -> None:
         self._log.error("kernel.notifications_failed", error=str(exc), action="resubscribe")
-        self._sock.close()
-        while not self._stop.wait(1.0):
+        if self._sock is not None:
+            self._sock.close()
+        while not stop.wait(1.0):
             try:
                 self._sock = self._open()
                 return

@@ -57,7 +57,7 @@ def test_enforces_without_docker_and_repairs_every_fault(ns: Netns, tmp_path: Pa
         else:
             ns.nft("flush", "ruleset")
         assert wait_for(lambda: _healthy(ns, backend), timeout=5), (fault, d.log_path.read_text())
-    assert len(d.named("docker.unavailable")) == 1
+    assert d.wait_event("docker.unavailable") and len(d.named("docker.unavailable")) == 1
     lines = owned_lines(ns, backend)
     assert len(lines) == len(set(lines)) == (NFT_RULES if backend == "nftables" else XT_V4_LINES)
     if backend == "nftables":

@@ -55,8 +55,9 @@ def test_scheduled_rechecks_fire_in_order() -> None:
     assert s.next_wakeup(1.5) == 2.0
 
 
-def test_failures_back_off_exponentially_up_to_the_cap_and_ignore_requests() -> None:
-    """After failures, the next attempt waits longer each time (capped); a request does not bypass the backoff."""
+def test_failures_back_off_exponentially_up_to_the_cap_and_a_request_cuts_the_backoff_short() -> None:
+    """After failures, the next attempt waits longer each time (capped); a new request makes a sync due at once
+    (still no faster than the minimum interval), as in Kubernetes' BoundedFrequencyRunner."""
     s = _schedule(max_backoff=1.0)
     delays = []
     now = 0.0
@@ -65,8 +66,10 @@ def test_failures_back_off_exponentially_up_to_the_cap_and_ignore_requests() -> 
         delay = s.finish(now, ok=False)
         assert delay is not None
         delays.append(delay)
-        s.request()
         assert not s.due(now + delay / 2)
+        s.request()
+        assert s.due(now + delay / 2) and s.next_wakeup(now) == max(now, s.last_run + s.min_interval)
+        s.pending = False
         now += delay
     assert delays == sorted(delays) and delays[-1] == 0.75  # 1.0 cap * (0.5 + 0.5 * jitter)
     s.begin(now)

@@ -115,3 +115,25 @@ def test_narrow_target_range_gives_the_ratio(tmp_path: Path) -> None:
         "ratio": 2.0,
     }
     assert narrow_target_warning(_load(tmp_path, 'source_ports = "50000-50099"\n')) is None
+
+
+def test_desired_rules_follow_dockers_networks() -> None:
+    """Only networks that differ from a plain masquerade get rules: SNAT to host_ipv4, port-only when Docker does
+    not NAT; a custom bridge is excluded like docker0; a bridge name no backend can represent gets nothing."""
+    from portguard.networks import DockerNetwork
+    from portguard.rules import Action
+
+    nets = (
+        DockerNetwork("bridge", "a" * 12, "docker0", ("172.17.0.0/16",), True),
+        DockerNetwork("snat", "b" * 12, "br-bbbbbbbbbbbb", ("10.76.0.0/24",), True, host_ipv4="198.51.100.32"),
+        DockerNetwork("plain", "c" * 12, "mybr0", ("10.77.0.0/24", "fd00:7::/64"), False),
+        DockerNetwork("weird", "d" * 12, 'x"y', ("10.78.0.0/24",), False),
+    )
+    rules = desired_rules(Config(), nets)
+    v4 = [r for r in rules if r.family is Family.IPV4]
+    assert [r.out_interface for r in v4 if r.action is Action.RETURN] == ["lo", "docker0", "br-+", "mybr0"]
+    snat = [r for r in v4 if r.source]
+    assert [(r.source, r.to_address, r.label) for r in snat] == [
+        ("10.76.0.0/24", "198.51.100.32", "net:snat"), ("10.77.0.0/24", None, "net:plain")]
+    assert [r.label for r in rules if r.source and r.family is Family.IPV6] == ["net:plain"]
+    assert not any(r.source == "10.78.0.0/24" for r in rules)

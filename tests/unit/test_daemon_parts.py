@@ -1,0 +1,208 @@
+"""The parts of `portguard run`, each alone with an injected clock: supervision, health and systemd
+notification, storm accounting, the effect worker, reload, and the Docker inventory."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import structlog
+
+from portguard.config import Config
+from portguard.conntrack import ConntrackError
+from portguard.effects import EffectWorker
+from portguard.errors import ConfigError
+from portguard.health import Health, StormMeter
+from portguard.metrics import Metrics
+from portguard.networks import parse_networks
+from portguard.reload import Reloader
+from portguard.supervisor import RestartPolicy, Supervisor
+
+LOG = structlog.get_logger("test")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Notes:
+    """A Notifier that records what it was told."""
+
+    def __init__(self, watchdog: float | None = None) -> None:
+        self.sent: list[str] = []
+        self.watchdog_interval = watchdog
+
+    def send(self, *fields: str) -> None:
+        self.sent.extend(fields)
+
+
+def test_restart_policy_backs_off_and_gives_up_after_too_many_crashes_in_the_window() -> None:
+    """Delays double from the first; the sixth crash within a minute gives up; old crashes are forgotten."""
+    policy = RestartPolicy(max_crashes=5, window=60, first_delay=0.1, max_delay=1.0)
+    assert [policy.crashed(t) for t in range(5)] == [0.1, 0.2, 0.4, 0.8, 1.0]
+    assert policy.crashed(5) is None
+    fresh = RestartPolicy(max_crashes=2, window=10)
+    assert fresh.crashed(0) is not None and fresh.crashed(1) is not None and fresh.crashed(100) is not None
+
+
+def test_supervisor_restarts_a_crashing_worker_and_counts_it() -> None:
+    """A worker that raises twice, then runs, is restarted twice and keeps running; restarts are counted."""
+    restarts: list[str] = []
+    runs: list[int] = []
+    running = threading.Event()
+
+    def flaky(stop: threading.Event) -> None:
+        runs.append(1)
+        if len(runs) <= 2:
+            raise RuntimeError("bug")
+        running.set()
+        stop.wait()
+
+    sup = Supervisor(LOG, on_restart=restarts.append, policy=lambda: RestartPolicy(first_delay=0.01))
+    sup.start("flaky", flaky)
+    assert running.wait(5)
+    assert restarts == ["flaky", "flaky"] and sup.alive() and not sup.failed.is_set()
+    sup.stop()
+
+
+def test_supervisor_sets_failed_when_a_worker_cannot_be_kept_alive() -> None:
+    """A worker that always crashes exhausts the policy: failed is set (the daemon then exits 2)."""
+    def broken(stop: threading.Event) -> None:
+        raise RuntimeError("always")
+
+    sup = Supervisor(LOG, policy=lambda: RestartPolicy(max_crashes=2, first_delay=0.001))
+    sup.start("broken", broken)
+    assert sup.failed.wait(5) and sup.failed_worker == "broken" and not sup.alive()
+    sup.stop()
+
+
+def test_health_ready_once_status_on_change_and_watchdog_at_its_interval() -> None:
+    """READY=1 after the first healthy sync only; STATUS= when it changes; WATCHDOG=1 no more often than 0.9 x."""
+    clock, notes = Clock(), Notes(watchdog=10.0)
+    health = Health(notes, reconcile_interval=30, clock=clock)  # type: ignore[arg-type]
+    assert not health.synced(False, "unhealthy") and "READY=1" not in notes.sent
+    assert health.synced(True, "healthy") and notes.sent.count("READY=1") == 1
+    sent = len(notes.sent)
+    assert not health.synced(True, "healthy") and len(notes.sent) == sent  # nothing new: no datagram
+    health.beat()
+    clock.now += 5
+    health.beat()
+    clock.now += 4
+    health.beat()
+    assert notes.sent.count("WATCHDOG=1") == 2
+
+
+def test_healthz_needs_a_beating_loop_a_recent_healthy_sync_and_live_workers() -> None:
+    """/healthz: false before the first sync, true after a healthy one, false when the loop stops beating, when the
+    last healthy sync is too old, or when a worker is down."""
+    clock, alive = Clock(), [True]
+    health = Health(Notes(), reconcile_interval=30, workers_alive=lambda: alive[0], clock=clock)  # type: ignore[arg-type]
+    assert not health.healthy()
+    health.synced(True, "ok")
+    assert health.healthy()
+    alive[0] = False
+    assert not health.healthy()
+    alive[0] = True
+    clock.now += 11  # no beat for longer than max(10, 2 x heartbeat)
+    assert not health.healthy()
+    health.beat()
+    assert health.healthy()
+    clock.now += 2 * 30 + 31
+    health.beat()
+    assert not health.healthy()
+
+
+def test_reloading_is_announced_with_monotonic_usec_and_ready_follows() -> None:
+    """sd_notify(3) reload protocol: RELOADING=1 with MONOTONIC_USEC, then READY=1."""
+    notes = Notes()
+    health = Health(notes, reconcile_interval=30)  # type: ignore[arg-type]
+    new = Config(to_ports=Config().to_ports)
+    adopted: list[Config] = []
+    reloader = Reloader(lambda: new, adopted.append, health, LOG, monotonic_usec=lambda: 42)
+    assert reloader.reload(Config()) is new and adopted == [new]
+    assert notes.sent[:2] == ["RELOADING=1", "MONOTONIC_USEC=42"] and notes.sent[-2] == "READY=1"
+
+
+def test_a_failed_reload_keeps_the_old_config_whatever_the_error() -> None:
+    """A config error, a bug in adopting, anything: None (the old config stays), and READY=1 still follows."""
+    notes = Notes()
+    health = Health(notes, reconcile_interval=30)  # type: ignore[arg-type]
+
+    def bad_load() -> Config:
+        raise ConfigError("config x: not valid UTF-8 (byte 3)")
+
+    def bad_adopt(_cfg: Config) -> None:
+        raise ValueError("Exceeds the limit (4300 digits)")
+
+    assert Reloader(bad_load, lambda _c: None, health, LOG).reload(Config()) is None
+    assert Reloader(Config, bad_adopt, health, LOG).reload(Config()) is None
+    assert notes.sent.count("READY=1") == 2
+
+
+def test_storm_meter_reports_a_fight_once_per_window() -> None:
+    """Five repairs within the window is a fight, reported once; repairs that age out no longer count."""
+    storm = StormMeter(repairs=5, window=30)
+    assert [storm.repaired(float(t)) for t in range(6)] == [False] * 4 + [True, False]
+    assert storm.count(100.0) == 0
+
+
+def test_effect_worker_coalesces_heal_requests_and_survives_conntrack_failures() -> None:
+    """Many repairs while a heal runs give one more heal; a failing conntrack is logged, counted, never raised."""
+    calls: list[str] = []
+    started, release = threading.Event(), threading.Event()
+
+    def heal(_cfg: Config) -> int:
+        calls.append("heal")
+        started.set()
+        release.wait(5)
+        if len(calls) == 2:
+            raise ConntrackError("conntrack -L did not finish within 20 s (killed)")
+        return 3
+
+    metrics = Metrics()
+    worker = EffectWorker(lambda: Config(daemon_audit_interval=3600), metrics, LOG, heal=heal,
+                          audit=lambda _c: (0, []), bypasses=lambda _c: [])
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,))
+    thread.start()
+    worker.request_heal()
+    assert started.wait(5)
+    for _ in range(10):
+        worker.request_heal()  # while the first heal runs
+    release.set()
+    threading.Event().wait(1.2)
+    stop.set()
+    thread.join(5)
+    assert calls == ["heal", "heal"]
+    sample = metrics.registry.get_sample_value
+    assert sample("portguard_conntrack_healed_total") == 3
+    assert sample("portguard_sync_failures_total", {"kind": "conntrack"}) == 1
+
+
+def test_inventory_keeps_bridge_networks_that_can_reach_out_and_reads_their_nat_options() -> None:
+    """Bridge networks with subnets are kept (internal and other drivers not); options decide the translation."""
+    raw: list[dict[str, Any]] = [
+        {"Name": "bridge", "Id": "a" * 64, "Driver": "bridge", "Options": {}, "IPAM": {"Config": [
+            {"Subnet": "172.17.0.0/16"}]}},
+        {"Name": "snat", "Id": "b" * 64, "Driver": "bridge", "Options": {
+            "com.docker.network.host_ipv4": "198.51.100.32"}, "IPAM": {"Config": [{"Subnet": "10.76.0.1/24"},
+                                                                                   {"Subnet": "fd00:1::/64"}]}},
+        {"Name": "plain", "Id": "c" * 64, "Driver": "bridge", "Options": {
+            "com.docker.network.bridge.enable_ip_masquerade": "false",
+            "com.docker.network.bridge.name": "mybr0"}, "IPAM": {"Config": [{"Subnet": "10.77.0.0/24"}]}},
+        {"Name": "hidden", "Id": "d" * 64, "Driver": "bridge", "Internal": True, "IPAM": {"Config": [
+            {"Subnet": "10.78.0.0/24"}]}},
+        {"Name": "mac", "Id": "e" * 64, "Driver": "macvlan", "IPAM": {"Config": [{"Subnet": "10.79.0.0/24"}]}},
+        {"Name": "bad", "Id": "f" * 64, "Driver": "bridge", "Options": {"com.docker.network.host_ipv4": "nope"},
+         "IPAM": {"Config": [{"Subnet": "not a subnet"}]}},
+    ]
+    nets = {n.name: n for n in parse_networks(raw)}
+    assert set(nets) == {"bridge", "snat", "plain"}
+    assert nets["bridge"].bridge == "docker0" and nets["bridge"].masquerade
+    assert nets["snat"].subnets == ("10.76.0.0/24", "fd00:1::/64") and nets["snat"].host_ipv4 == "198.51.100.32"
+    assert nets["snat"].bridge == "br-" + "b" * 12
+    assert not nets["plain"].masquerade and nets["plain"].bridge == "mybr0"

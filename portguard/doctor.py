@@ -8,7 +8,6 @@ rule protects the host without it.
 from __future__ import annotations
 
 import collections
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -193,11 +192,13 @@ def run_doctor(cfg: Config, networks: Sequence[DockerNetwork] = ()) -> Report:
     return report
 
 
-def render(report: Report, *, as_json: bool) -> str:
-    if as_json:
-        return json.dumps({"backend": report.backend, "backend_reason": report.backend_reason,
-                           "healthy": not report.risks, "findings": [asdict(f) for f in report.findings],
-                           "facts": report.facts}, indent=2)
+def report_doc(report: Report) -> dict[str, Any]:
+    """The fields of doctor's JSON document (report.py adds ``command`` and ``exit``)."""
+    return {"backend": report.backend, "backend_reason": report.backend_reason, "healthy": not report.risks,
+            "findings": [asdict(f) for f in report.findings], "facts": report.facts}
+
+
+def render_text(report: Report) -> str:
     lines = [f"backend: {report.backend} ({report.backend_reason})"]
     for f in report.findings:
         mark = "RISK" if f.severity == "risk" else "ok  "

@@ -21,6 +21,16 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends iptables nftables conntrack python3 python3-venv >/dev/null
 python3 -m venv /opt/portguard
 /opt/portguard/bin/pip install --quiet --upgrade "$here"
+ln -sf /opt/portguard/bin/portguard /usr/local/bin/portguard
+# Shell completion and the man page, both generated from portguard's own parser.
+mkdir -p /usr/share/bash-completion/completions /usr/share/zsh/vendor-completions \
+    /usr/share/fish/vendor_completions.d /usr/local/share/man/man1
+/opt/portguard/bin/portguard completion bash >/usr/share/bash-completion/completions/portguard
+/opt/portguard/bin/portguard completion zsh >/usr/share/zsh/vendor-completions/_portguard
+/opt/portguard/bin/portguard completion fish >/usr/share/fish/vendor_completions.d/portguard.fish
+page=$(/opt/portguard/bin/python -c 'import pathlib, portguard; print(pathlib.Path(portguard.__file__).parent / "data/portguard.1")')
+install -m 0644 "$page" /usr/local/share/man/man1/portguard.1
+if command -v mandb >/dev/null; then mandb -q || true; fi
 /opt/portguard/bin/portguard install-systemd --exec /opt/portguard/bin/portguard
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then exec sudo -E "$0" "$@"; fi
 
 packages=(iptables nftables conntrack docker.io busybox-static iproute2 util-linux systemd
-          python3 python3-venv debootstrap prometheus)
+          python3 python3-venv debootstrap prometheus man-db)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

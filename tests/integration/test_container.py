@@ -147,12 +147,17 @@ def test_swarm_stack_file_deploys_and_protects(built: tuple[Netns, DockerEngine,
     engine.docker("swarm", "init", "--advertise-addr", "198.51.100.1", timeout=120)
     try:
         swarm_dir = REPO / "deploy" / "swarm"
-        proc = subprocess.run(["docker", "stack", "deploy", "-c", "portguard.yml", "pg"], cwd=swarm_dir,
+        # --resolve-image never: the image was built here; asking a registry for its digest (the default) hangs
+        # or delays the task on a host without one
+        proc = subprocess.run(["docker", "stack", "deploy", "--resolve-image", "never", "-c", "portguard.yml", "pg"],
+                              cwd=swarm_dir,
                               env={**engine.env(), "PORTGUARD_IMAGE": "portguard:test"}, capture_output=True,
                               text=True, timeout=120, check=False)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert wait_for(lambda: ns.portguard("check").returncode == 0, 90), engine.docker(
-            "service", "ps", "--no-trunc", "pg_portguard").stdout
+        assert wait_for(lambda: ns.portguard("check").returncode == 0, 90), (
+            engine.docker("service", "ps", "--no-trunc", "pg_portguard").stdout
+            + engine.docker("service", "logs", "--tail", "40", "pg_portguard", check=False).stdout[-4000:]
+            + ns.portguard("check").stdout[-2000:])
         mode = engine.docker("service", "inspect", "-f", "{{json .Spec.Mode}}", "pg_portguard").stdout
         assert "Global" in mode
         before = len(acl.ports)

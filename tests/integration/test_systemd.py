@@ -54,6 +54,20 @@ def test_install_systemd_rejects_paths_that_would_inject_directives(tmp_path: Pa
     assert not (tmp_path / "etc").exists()
 
 
+def test_install_script_refuses_a_pipe_and_a_copy_outside_the_checkout(tmp_path: Path) -> None:
+    """`curl ... | bash` would install whatever directory it runs in: refused, exit 2, before anything happens;
+    so is a copy of the script outside a checkout of portguard."""
+    script = REPO / "scripts" / "install.sh"
+    piped = subprocess.run(["bash"], input=script.read_text(), capture_output=True, text=True, cwd=tmp_path,
+                           check=False)
+    assert piped.returncode == 2 and "not from a pipe" in piped.stderr, piped.stderr
+    copy = tmp_path / "scripts" / "install.sh"
+    copy.parent.mkdir()
+    copy.write_text(script.read_text())
+    elsewhere = subprocess.run(["bash", str(copy)], capture_output=True, text=True, check=False)
+    assert elsewhere.returncode == 2 and "is not a checkout of portguard" in elsewhere.stderr, elsewhere.stderr
+
+
 def test_installed_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     """`systemd-analyze verify` accepts the installed unit (its ExecStart exists)."""
     install_systemd(tmp_path, sys.executable)

@@ -76,6 +76,7 @@ class Daemon:
         self._unfixable = ""  # the unfixable condition last logged: each change is logged once
         self._fatal: PortguardError | None = None
         self._docker_up = False
+        self._note = ""  # the backend's last note, logged once
         self.supervisor = Supervisor(log, on_restart=lambda name: self.metrics.worker_restarts.labels(name).inc())
         self.health = Health(notifier or Notifier(), reconcile_interval=cfg.daemon_reconcile_interval,
                              workers_alive=self.supervisor.alive)
@@ -165,6 +166,9 @@ class Daemon:
         after = report.after
         self.metrics.observed(after, ok=after.healthy, seconds=time.perf_counter() - started, now=time.time())
         self._report_unfixable("; ".join(after.unfixable), name)
+        if after.note and after.note != self._note:
+            self._note = after.note
+            self._log.warning("backend.note", backend=name, detail=after.note)
         if report.repaired:
             self.metrics.repaired(report.repaired)
             self._after_repair(report.repaired)

@@ -8,6 +8,7 @@ rule protects the host without it.
 from __future__ import annotations
 
 import collections
+import platform
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -91,8 +92,12 @@ def _ownership(report: Report, obs: Observation) -> None:
                    "kernel refuses every other process's change to it; a standby table at srcnat - 9 keeps the rules "
                    "when portguard stops")
     else:
+        release = platform.release().split(".")
+        supported = [int(x) for x in release[:2] if x.isdigit()] >= [5, 12]
         report.add("ownership", "info", "table inet portguard is not owned (no `portguard run` here): "
-                   "`nft flush ruleset` would remove the rules until the daemon puts them back")
+                   "`nft flush ruleset` would remove the rules until the daemon puts them back; "
+                   + ("this kernel supports table ownership" if supported else
+                      f"kernel {platform.release()} has no table ownership (5.12+): the daemon repairs instead"))
 
 
 def _explain_traffic(report: Report, cfg: Config, rules: Sequence[Rule], networks: Sequence[DockerNetwork]) -> None:

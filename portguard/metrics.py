@@ -121,6 +121,7 @@ class MetricsServer:
 
         class Server(socketserver.TCPServer):
             allow_reuse_address = True
+            request_queue_size = 128  # the kernel's backlog: a burst of clients is refused at speed, not left hanging
             address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
             def process_request(self, request: Any, client_address: Any) -> None:

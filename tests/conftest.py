@@ -3,12 +3,22 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from netns import Netns
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Any]]:
+    """`portguard run` processes a test starts (tests/daemonproc.py); each is ended by PID afterwards."""
+    started: list[Any] = []
+    yield started
+    for d in started:
+        d.close()
 
 
 @pytest.fixture

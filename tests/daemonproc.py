@@ -14,7 +14,31 @@ from typing import Any
 
 from netns import Netns, wait_for
 
-__all__ = ["PortguardDaemon"]
+__all__ = ["SCRAPE", "PortguardDaemon", "metric", "scrape"]
+
+SCRAPE = """
+import sys, urllib.request, urllib.error
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=20) as r:
+        print(r.status); print(r.read().decode())
+except urllib.error.HTTPError as e:
+    print(e.code); print(e.read().decode())
+"""
+
+
+def scrape(ns: Netns, path: str, port: int = 9640) -> tuple[int, str]:
+    """(HTTP status, body) of the metrics endpoint, asked from inside the namespace."""
+    proc = ns.run([sys.executable, "-c", SCRAPE, f"http://127.0.0.1:{port}{path}"], timeout=40)
+    code, _, body = proc.stdout.partition("\n")
+    return int(code), body
+
+
+def metric(body: str, name: str) -> float:
+    """Sum of every sample of ``name`` (any labels) in a scrape."""
+    values = [float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+              if line.startswith(name) and not line.startswith("#") and line[len(name)] in " {"]
+    assert values, f"{name} not in the scrape"
+    return sum(values)
 
 
 class PortguardDaemon:

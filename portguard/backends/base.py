@@ -49,6 +49,7 @@ class Observation:
     bypasses: tuple[str, ...] = field(default=(), compare=False)  # rules elsewhere that skip NAT for our traffic
     standby: tuple[str, ...] = ()  # what is wrong with the standby copy (nftables), fixable
     owner: str = ""  # who owns the table, when the kernel enforces it ("" when nobody does)
+    note: str = field(default="", compare=False)  # something to say once (e.g. why ownership is unavailable)
     # What the backend would write to fix what it saw; handed back to ensure() so a repair
     # need not read the tables twice.  Opaque outside the backend.
     plan: object = field(default=None, compare=False, repr=False)

@@ -420,8 +420,10 @@ class NftablesBackend:
             owner = "this process" if self._owning else f"another process ({primary.program or 'unknown'})"
         elif self._owner_wanted and not self.owner_unsupported and primary.comments is not None:
             stale.append(f"table inet {TABLE}: not owned by this daemon (replaced by an owned one)")
+        note = f"table ownership unavailable, repairing instead: {self.owner_unsupported}" if (
+            self.owner_unsupported) else ""
         return Observation(self.name, tuple(statuses), tuple(stale), tuple(shadowed_by),
-                           standby=tuple(standby), owner=owner)
+                           standby=tuple(standby), owner=owner, note=note)
 
     def ensure(self, rules: Sequence[Rule], seen: Observation | None = None) -> None:
         if not rules:

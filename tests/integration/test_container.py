@@ -70,7 +70,8 @@ def _context(dest: Path) -> Path:
             shutil.copy2(src, ctx / name, follow_symlinks=True)
     # portguard, its dependencies, and what building it from /src needs (pip's isolated build env)
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(ctx / "wheels"),
-                           str(REPO), "setuptools>=68", "wheel"], capture_output=True, text=True, timeout=600,
+                           str(REPO), "setuptools>=68", "wheel", "argparse-manpage>=4.5,<5"], capture_output=True,
+                          text=True, timeout=600,
                           check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return ctx

@@ -6,25 +6,16 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemonproc import PortguardDaemon
+from daemonproc import SCRAPE, PortguardDaemon, metric, scrape
 from helpers import BACKENDS, NFT_RULES, XT_V4_LINES, check, delete_rule, keep_conntrack_on, open_gap, owned_lines, xt
 from netns import Netns, wait_for
 from topology import ACL_LOW, AclNetwork
 
 pytestmark = pytest.mark.netns
 NO_DOCKER = {"DOCKER_HOST": "unix:///nonexistent/docker.sock"}
-
-
-@pytest.fixture
-def daemons(ns: Netns, tmp_path: Path) -> Iterator[list[PortguardDaemon]]:
-    started: list[PortguardDaemon] = []
-    yield started
-    for d in started:
-        d.close()
 
 
 def _start(daemons: list[PortguardDaemon], ns: Netns, tmp_path: Path, *args: str, **kw: object) -> PortguardDaemon:
@@ -179,28 +170,12 @@ def test_unreachable_docker_is_logged_once_then_rarely(ns: Netns, tmp_path: Path
     assert check(ns, "nftables")[0] == 0 and d.proc.poll() is None
 
 
-SCRAPE = """
-import sys, urllib.request, urllib.error
-try:
-    with urllib.request.urlopen(sys.argv[1], timeout=5) as r:
-        print(r.status); print(r.read().decode())
-except urllib.error.HTTPError as e:
-    print(e.code); print(e.read().decode())
-"""
-
-
 def _scrape(ns: Netns, path: str, port: int = 9640) -> tuple[int, str]:
-    proc = ns.run([sys.executable, "-c", SCRAPE, f"http://127.0.0.1:{port}{path}"])
-    code, _, body = proc.stdout.partition("\n")
-    return int(code), body
+    return scrape(ns, path, port)
 
 
 def _metric(body: str, name: str) -> float:
-    """Sum of every sample of ``name`` (any labels)."""
-    values = [float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
-              if line.startswith(name) and not line.startswith("#") and line[len(name)] in " {"]
-    assert values, f"{name} not in the scrape"
-    return sum(values)
+    return metric(body, name)
 
 
 def test_metrics_and_healthz_follow_the_faults(ns: Netns, tmp_path: Path, daemons: list[PortguardDaemon]) -> None:

@@ -28,14 +28,6 @@ def acl(ns: Netns) -> Iterator[AclNetwork]:
         net.close()
 
 
-@pytest.fixture
-def daemons() -> Iterator[list[PortguardDaemon]]:
-    started: list[PortguardDaemon] = []
-    yield started
-    for d in started:
-        d.close()
-
-
 def _start(daemons: list[PortguardDaemon], ns: Netns, tmp_path: Path, *args: str) -> PortguardDaemon:
     d = PortguardDaemon(ns, tmp_path, *args, env=NO_DOCKER)
     daemons.append(d)

@@ -7,11 +7,10 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemonproc import PortguardDaemon
+from daemonproc import PortguardDaemon, metric, scrape
 from helpers import NFT_RULES, delete_rule, keep_conntrack_on, owned_lines
 from netns import Netns, wait_for
 from topology import SERVER_IP, AclNetwork
@@ -26,24 +25,6 @@ socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(n // 65
 for i in range(n):
     socks[i // 65534].sendto(b"x", (host, i % 65534 + 1))
 """
-SCRAPE = """
-import sys, urllib.request, urllib.error
-try:
-    with urllib.request.urlopen(sys.argv[1], timeout=20) as r:
-        print(r.status); print(r.read().decode())
-except urllib.error.HTTPError as e:
-    print(e.code); print(e.read().decode())
-"""
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[PortguardDaemon]]:
-    started: list[PortguardDaemon] = []
-    yield started
-    for d in started:
-        d.close()
-
-
 def _start(daemons: list[PortguardDaemon], ns: Netns, tmp_path: Path, *args: str, config: str = "",
            env: dict[str, str] | None = None, ready: bool = True) -> PortguardDaemon:
     cfg = tmp_path / f"pg-{len(daemons)}.toml"
@@ -67,10 +48,7 @@ def _repaired_within_a_second(ns: Netns, backend: str = "nftables") -> None:
 
 
 def _metric(ns: Netns, name: str, port: int = 9640) -> float:
-    body = ns.run([sys.executable, "-c", SCRAPE, f"http://127.0.0.1:{port}/metrics"], timeout=30).stdout
-    values = [float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
-              if line.startswith(name) and line[len(name)] in " {"]
-    return sum(values)
+    return metric(scrape(ns, "/metrics", port)[1], name)
 
 
 def _fake_tool(tmp_path: Path, name: str, script: str) -> dict[str, str]:
@@ -210,3 +188,15 @@ def test_cleanup_on_exit_waits_for_the_sync_in_flight(ns: Netns, tmp_path: Path,
     assert code == 0
     left = [ln for ln in ns.run(["iptables-nft-save", "-t", "nat"]).stdout.splitlines() if "PORTGUARD" in ln]
     assert left == [], left
+
+
+def test_reload_switches_to_a_new_docker_host(ns: Netns, tmp_path: Path, daemons: list[PortguardDaemon]) -> None:
+    """docker.host changed on SIGHUP: the Docker watcher is restarted against the new address."""
+    d = _start(daemons, ns, tmp_path, config='[docker]\nhost = "unix:///nonexistent/one.sock"\n')
+    assert d.wait_event("docker.unavailable"), d.log_path.read_text()
+    cfg = Path(d.proc.args[d.proc.args.index("--config") + 1])  # type: ignore[union-attr, index]
+    cfg.write_text('[docker]\nhost = "unix:///nonexistent/two.sock"\n')
+    d.send(signal.SIGHUP)
+    assert d.wait_event("config.reloaded"), d.log_path.read_text()
+    assert d.wait_event("docker.unavailable", count=2), d.log_path.read_text()
+    assert d.proc.poll() is None and d.named("worker.crashed") == []

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integrat
 
 from daemonproc import PortguardDaemon
 from netns import Netns
-from soak import PROBE, _stat
+from soak import PROBE, _stat, read_lines
 from topology import PORT, SERVER_IP, AclNetwork
 
 FIGHTERS = {
@@ -44,15 +44,16 @@ def fight(backend: str, seconds: float) -> dict[str, object]:
         repairs_before = len(d.named("rule.repaired"))
         probe = ns.popen([sys.executable, "-c", PROBE, SERVER_IP, str(PORT), "0.05", str(seconds)],
                          stdout=subprocess.PIPE)
+        lines = read_lines(probe)
         script = f"n=0; end=$(( $(date +%s) + {int(seconds)} )); while [ $(date +%s) -lt $end ]; do " \
                  f"{FIGHTERS[backend]} 2>/dev/null; n=$((n+1)); done; echo $n"
         start = time.monotonic()
         attempts = int(ns.run(["sh", "-c", script], timeout=seconds + 30).stdout.strip())
         took = time.monotonic() - start
         after_cpu, rss = _stat(d.proc.pid)
-        assert probe.stdout is not None
-        results = probe.stdout.read().decode().split("\n")
         probe.wait(30)
+        time.sleep(0.2)
+        results = list(lines)
         failed = sum(1 for ln in results if ln.endswith(" 0"))
         return {"backend": backend, "seconds": round(took, 1), "fighter_attempts": attempts,
                 "repairs": len(d.named("rule.repaired")) - repairs_before, "storm_reported": bool(d.named(

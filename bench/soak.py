@@ -52,6 +52,20 @@ def _stat(pid: int) -> tuple[float, int]:
     return cpu, rss
 
 
+def read_lines(proc: subprocess.Popen[bytes]) -> list[str]:
+    """Collect a process's output lines on a thread, as they come."""
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            lines.append(raw.decode().strip())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return lines
+
+
 def _fault(ns: Netns, engine: DockerEngine, backend: str, kind: str, n: int) -> None:
     tool = xt(backend)
     if kind == "nat flush":
@@ -94,6 +108,7 @@ def soak(backend: str, minutes: float) -> dict[str, object]:
         seconds = minutes * 60
         probe = ns.popen([sys.executable, "-c", PROBE, SERVER_IP, str(PORT), "0.05", str(seconds)],
                          stdout=subprocess.PIPE)
+        lines = read_lines(probe)  # read as written: a full pipe would stall the prober
         samples: list[tuple[float, float, int]] = []
         faults: list[tuple[float, str]] = []
         stop = threading.Event()
@@ -117,9 +132,8 @@ def soak(backend: str, minutes: float) -> dict[str, object]:
             else:
                 _fault(ns, engine, backend, kind, n)
             time.sleep(max(0.0, start + 2.0 * n - time.monotonic()))
-        assert probe.stdout is not None
-        results = [line.split() for line in probe.stdout.read().decode().splitlines()]
         probe.wait(30)
+        results = [line.split() for line in lines]
         stop.set()
         samples.append((time.monotonic(), *_stat(pid)))
         failed = [float(t) for t, ok in results if ok == "0"]

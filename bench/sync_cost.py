@@ -35,13 +35,15 @@ def _p(values: list[float], q: float) -> float:
 def inner(backend_name: str, reps: int) -> dict[str, float]:
     """Runs inside the namespace: time observe() and a repair sync() in-process."""
     from portguard.backends import make_backend
-    from portguard.config import Config, desired_rules
+    from portguard.config import Config
+    from portguard.desired import desired_rules
     from portguard.logs import configure_logging
     from portguard.reconciler import Reconciler
 
     log = configure_logging("json", "error")
     backend = make_backend(backend_name)
-    rec = Reconciler(backend, desired_rules(Config()), log)
+    families = [f for f in Config().families if f in backend.families()]
+    rec = Reconciler(backend, desired_rules(Config(), (), families), log)
     rec.sync()
     observe, repair = [], []
     for _ in range(reps):

@@ -33,7 +33,8 @@ class EffectWorker:
                  clock: Callable[[], float] = time.monotonic,
                  heal: Callable[[Config], int] | None = None,
                  audit: Callable[[Config], tuple[int, list[str]]] | None = None,
-                 bypasses: Callable[[Config], list[str]] | None = None) -> None:
+                 bypasses: Callable[[Config], list[str]] | None = None,
+                 after_audit: Callable[[], None] = lambda: None) -> None:
         self._config = config
         self._metrics = metrics
         self._log = log
@@ -41,6 +42,7 @@ class EffectWorker:
         self._heal = heal or _heal
         self._audit = audit or _audit
         self._bypasses = bypasses or (lambda cfg: find_bypasses(cfg.families))
+        self._after_audit = after_audit
         self._wake = threading.Event()
         self._heal_wanted = False
         self._lock = threading.Lock()
@@ -64,6 +66,7 @@ class EffectWorker:
                 self.heal_once()
             if self._clock() >= next_audit:
                 self.audit_once()
+                self._after_audit()
                 next_audit = self._clock() + self._config().daemon_audit_interval
 
     def heal_once(self) -> int:

@@ -79,10 +79,13 @@ class DockerWatcher:
         failures = 0
         last_unavailable_log = float("-inf")
         while not self._stop.is_set():
+            client = None
             try:
                 client = self._client()
                 client.ping()
             except Exception as exc:  # noqa: BLE001  # DockerException, ConnectionError, socket errors alike
+                if client is not None:
+                    self._close(client)  # a client per attempt: left open, each would keep its session
                 failures += 1
                 now = time.monotonic()
                 if failures == 1 or now - last_unavailable_log >= _UNAVAILABLE_LOG_EVERY:
@@ -134,10 +137,13 @@ class DockerWatcher:
         finally:
             with self._lock:
                 self._stream = None
-            try:
-                client.close()
-            except Exception:  # noqa: BLE001
-                self._log.debug("docker.close_failed", exc_info=True)
+            self._close(client)
+
+    def _close(self, client: Any) -> None:
+        try:
+            client.close()
+        except Exception:  # noqa: BLE001  # closing a half-dead client may raise anything
+            self._log.debug("docker.close_failed", exc_info=True)
 
 
 def read_networks(docker_host: str = "", timeout: float = 2.0) -> tuple[DockerNetwork, ...] | None:

@@ -1,0 +1,57 @@
+"""Idle cost of `portguard run` next to a real dockerd: CPU share and RSS after --seconds with nothing to do.
+
+    .venv/bin/python bench/idle.py [--seconds 60] [--backends nftables,iptables-nft,iptables-legacy]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from daemonproc import PortguardDaemon
+from dockerhost import DockerEngine
+from netns import Netns
+from soak import _stat
+
+
+def idle(backend: str, seconds: float) -> dict[str, object]:
+    ns = Netns("pgidle")
+    engine = DockerEngine(ns)
+    d: PortguardDaemon | None = None
+    try:
+        engine.start()
+        d = PortguardDaemon(ns, Path(tempfile.mkdtemp(prefix="pg-idle-")), "--backend", backend,
+                            env={"DOCKER_HOST": engine.host, "PORTGUARD_LOG_LEVEL": "info"})
+        assert d.wait_note("READY=1"), d.log_path.read_text()
+        time.sleep(5)  # start-up done (imports, first syncs, Docker connected)
+        cpu0, _ = _stat(d.proc.pid)
+        t0 = time.monotonic()
+        time.sleep(seconds)
+        cpu1, rss = _stat(d.proc.pid)
+        status = Path(f"/proc/{d.proc.pid}/status").read_text()
+        hwm = next(int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("VmHWM:")) * 1024
+        return {"backend": backend, "cpu_percent": round(100 * (cpu1 - cpu0) / (time.monotonic() - t0), 3),
+                "rss_mb": round(rss / 1e6, 1), "peak_rss_mb": round(hwm / 1e6, 1)}
+    finally:
+        if d is not None:
+            d.close()
+        engine.close()
+        ns.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--backends", default="nftables,iptables-nft,iptables-legacy")
+    args = parser.parse_args()
+    for backend in args.backends.split(","):
+        print(idle(backend, args.seconds), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -10,6 +10,7 @@ Fault mix (in turn): nat flush, deletion of portguard's rule, deletion of its ta
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -99,8 +100,18 @@ def soak(backend: str, minutes: float) -> dict[str, object]:
     acl = AclNetwork(ns)  # host connections from low ports (32768-40000), ACL rejects them unless translated
     engine = DockerEngine(ns)
     daemon: PortguardDaemon | None = None
+    path = os.environ["PATH"]
     try:
+        if backend == "iptables-legacy":
+            # dockerd finds `iptables` on PATH: point it at the legacy tools, as on a legacy host
+            legacy = work / "legacy-bin"
+            legacy.mkdir()
+            for tool in ("iptables", "ip6tables", "iptables-save", "ip6tables-save", "iptables-restore",
+                         "ip6tables-restore"):
+                (legacy / tool).symlink_to(f"/usr/sbin/{tool.replace('tables', 'tables-legacy', 1)}")
+            os.environ["PATH"] = f"{legacy}:{path}"
         engine.start()
+        os.environ["PATH"] = path
         daemon = PortguardDaemon(ns, work, "--backend", backend, env={"DOCKER_HOST": engine.host,
                                                                         "PORTGUARD_LOG_LEVEL": "info"})
         assert daemon.wait_note("READY=1", timeout=30), daemon.log_path.read_text()
@@ -141,7 +152,9 @@ def soak(backend: str, minutes: float) -> dict[str, object]:
         standby: Counter[str] = Counter()
         for e in daemon.named("rule.repaired"):
             when = time.mktime(time.strptime(e["timestamp"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
-            cause = next((k for t, k in reversed(faults) if t <= when + 1), "start")
+            # the log's timestamps are read to the second: a repair counts for the last fault before it
+            cause = "start" if when + 1 < faults[0][0] else next((k for t, k in reversed(faults) if t <= when + 1),
+                                                                 "start")
             (standby if e["rules"] == ["standby"] else by_fault)[cause] += 1
         after_minute = [s for s in samples if s[0] - start >= 60] or samples
         cpu = samples[-1][1] - samples[0][1]

@@ -158,7 +158,7 @@ class Daemon:
             # No write of portguard's can fix it: report each change once, no rewrites, no backoff.
             self.metrics.sync_failures.labels("unfixable").inc()
             self._report_unfixable(str(exc), name)
-            self.health.synced(False, f"unfixable: {exc}")
+            self.health.synced(False, f"unfixable: {exc}", settled=True)
             return True
         except RetryableError as exc:
             self.metrics.sync_failures.labels("retry").inc()
@@ -188,10 +188,12 @@ class Daemon:
         if after.healthy:
             status = (f"healthy: {total} rules ({name}); docker "
                       f"{'connected' if self._docker_up else 'not connected'}")
+        elif not after.needs_write:
+            status = f"unfixable: {'; '.join(after.unfixable)[:200]} ({name})"
         else:
             bad = sum(1 for s in after.statuses if s.state.value != "healthy")
             status = f"unhealthy: {bad} of {total} rules ({name})"
-        if self.health.synced(after.healthy, status):
+        if self.health.synced(after.healthy, status, settled=not after.needs_write):
             release_memory()
         return not after.needs_write
 
@@ -251,11 +253,14 @@ class Daemon:
 
     def _adopt(self, cfg: Config) -> None:
         """A new config (SIGHUP): everything is built before anything is switched."""
-        reconciler = self._build(cfg, current=self.reconciler.backend)
+        previous = self.reconciler.backend
+        reconciler = self._build(cfg, current=previous)
         old = self.cfg
         with self._lock:
             self.cfg = cfg
             self._reconciler = reconciler
+        if reconciler.backend is not previous:
+            previous.close()  # another backend now: release the old one's owned table (its standby stays)
         self.runner.configure(cfg.daemon_min_interval, cfg.daemon_reconcile_interval, cfg.daemon_max_backoff)
         self.storm = StormMeter(cfg.daemon_storm_repairs, cfg.daemon_storm_window)
         self.health.reconcile_interval = cfg.daemon_reconcile_interval

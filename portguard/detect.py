@@ -39,7 +39,7 @@ def _postrouting_count(flavour: str) -> int | None:
         listing = subprocess.run(
             [tool, "-w", "5", "-t", "nat", "-S", "POSTROUTING"], capture_output=True, text=True, timeout=10, check=False
         )
-    except subprocess.TimeoutExpired:
+    except (subprocess.TimeoutExpired, OSError):
         return None
     return sum(1 for line in listing.stdout.splitlines() if line.startswith("-A"))
 

@@ -47,13 +47,18 @@ class Health:
             self._last_watchdog = now
             self._notify.send("WATCHDOG=1")
 
-    def synced(self, healthy: bool, status: str) -> bool:
-        """Record a sync's outcome; True when this made the daemon ready (first healthy sync)."""
+    def synced(self, healthy: bool, status: str, *, settled: bool | None = None) -> bool:
+        """Record a sync's outcome; True when this made the daemon ready.
+
+        Ready means settled: everything a write of portguard's can fix is done (``settled``, default
+        ``healthy``).  A condition portguard must not touch keeps /healthz at 503 and shows in STATUS, but
+        must not keep READY=1 back: systemd would kill and restart a daemon that is doing all it can.
+        """
         self.last_healthy = healthy
         if healthy:
             self._last_ok = self._clock()
         self.set_status(status)
-        if healthy and not self.ready:
+        if (healthy if settled is None else settled) and not self.ready:
             self.ready = True
             self._notify.send("READY=1", f"STATUS={self.status}")
             return True

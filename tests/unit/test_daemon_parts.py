@@ -96,6 +96,16 @@ def test_health_ready_once_status_on_change_and_watchdog_at_its_interval() -> No
     assert notes.sent.count("WATCHDOG=1") == 2
 
 
+def test_ready_once_settled_even_when_something_unfixable_remains() -> None:
+    """READY=1 when everything fixable is done, though a foreign condition keeps the rules unhealthy (systemd
+    would otherwise kill a daemon that does all it can); /healthz stays false."""
+    notes = Notes()
+    health = Health(notes, reconcile_interval=30)  # type: ignore[arg-type]
+    assert not health.synced(False, "unhealthy: 2 of 10", settled=False)
+    assert health.synced(False, "unfixable: shadowed", settled=True) and "READY=1" in notes.sent
+    assert not health.healthy()
+
+
 def test_healthz_needs_a_beating_loop_a_recent_healthy_sync_and_live_workers() -> None:
     """/healthz: false before the first sync, true after a healthy one, false when the loop stops beating, when the
     last healthy sync is too old, or when a worker is down."""

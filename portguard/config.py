@@ -58,7 +58,7 @@ class Config:
     daemon_reconcile_interval: float = 30.0
     daemon_min_interval: float = 0.01
     daemon_max_backoff: float = 30.0
-    daemon_poll_interval: float = 1.0
+    daemon_poll_interval: float = 0.1
     daemon_conntrack_heal: bool = True
     daemon_storm_repairs: int = 10
     daemon_storm_window: float = 60.0

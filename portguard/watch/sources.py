@@ -44,7 +44,10 @@ def change_sources(
     def poll(stop: threading.Event) -> None:
         prints = [LegacyFingerprint(False), LegacyFingerprint(True)]
         last: list[tuple[int, ...] | None] = [None, None]
-        while not stop.wait(poll_interval()):
+        # A legacy fingerprint is one getsockopt: polled every poll_interval (100 ms by default), since a
+        # change waits for the next poll and every connection opened meanwhile goes out untranslated.
+        # With notifications and no legacy tables the thread only looks, once a second, for a backend change.
+        while not stop.wait(poll_interval() if watch().poll_legacy or not notified else 1.0):
             if watch().poll_legacy:
                 now = [p.read() for p in prints]
                 if now != last:

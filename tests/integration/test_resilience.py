@@ -200,3 +200,14 @@ def test_reload_switches_to_a_new_docker_host(ns: Netns, tmp_path: Path, daemons
     assert d.wait_event("config.reloaded"), d.log_path.read_text()
     assert d.wait_event("docker.unavailable", count=2), d.log_path.read_text()
     assert d.proc.poll() is None and d.named("worker.crashed") == []
+
+
+def test_ready_even_when_started_next_to_something_unfixable(ns: Netns, tmp_path: Path,
+                                                             daemons: list[PortguardDaemon]) -> None:
+    """Started with a foreign priority-0 nat chain in place: READY=1 still comes (systemd would otherwise restart
+    it forever), STATUS says what is unfixable, /healthz says 503."""
+    ns.nft("add table ip early; add chain ip early post { type nat hook postrouting priority 0; }")
+    d = _start(daemons, ns, tmp_path)
+    assert any(n.startswith("STATUS=unfixable") for n in d.notes), d.notes
+    assert scrape(ns, "/healthz")[0] == 503
+    _repaired_within_a_second(ns)

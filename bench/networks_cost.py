@@ -25,7 +25,6 @@ from portguard.networks import parse_networks
 
 CODE = """
 import json, statistics, sys, time
-import structlog
 from portguard.backends import make_backend
 from portguard.config import Config
 from portguard.desired import desired_rules
@@ -35,7 +34,8 @@ backend_name, reps, raw = sys.argv[1], int(sys.argv[2]), json.loads(sys.stdin.re
 backend = make_backend(backend_name)
 families = [f for f in Config().families if f in backend.families()]
 rules = desired_rules(Config(), parse_networks(raw), families)
-rec = Reconciler(backend, rules, structlog.get_logger())
+from portguard.logs import configure_logging
+rec = Reconciler(backend, rules, configure_logging("json", "error"))
 t = time.perf_counter(); rec.sync(); first = (time.perf_counter() - t) * 1000
 noop = []
 for _ in range(reps):

@@ -356,6 +356,10 @@ class NftablesBackend:
         msg = " ".join(err.split()) or "failed without a message"
         if "Device or resource busy" in err or "Resource temporarily unavailable" in err or "Interrupted" in err:
             raise RetryableError(f"nftables: {msg}")
+        if "No such file or directory" in err:
+            # Something portguard read a moment ago is gone (another process deleted it in between): the
+            # ruleset changed under us; read again, never a reason to stop.
+            raise RetryableError(f"nftables: changed while read: {msg}")
         if "Operation not permitted" in err:
             raise UnfixableError(f"nftables: {msg}")
         raise FatalError(f"nftables: {msg}")
@@ -398,7 +402,10 @@ class NftablesBackend:
                         for c in chains)
         comments: list[str | None] = []
         if has_chain:
-            listing = self._objects(f"list chain inet {table.name} {CHAIN}")
+            try:
+                listing = self._objects(f"list chain inet {table.name} {CHAIN}")
+            except RetryableError:
+                return TableView(None)  # deleted between 'list chains' and this read: absent now
             comments = [o["rule"].get("comment") for o in listing if "rule" in o]
         return TableView(comments, flags, prog.group(1) if prog else "")
 

@@ -29,7 +29,7 @@ __all__ = ["ConntrackError", "Flow", "delete_flows", "heal", "iter_flows", "list
            "parse_flows", "untranslated"]
 
 _STATE = re.compile(r"[A-Z][A-Z_]+[A-Z]")  # SYN_SENT, ESTABLISHED, ... (flags are bracketed)
-TIMEOUT = 20.0
+TIMEOUT = 50.0  # a million entries stream in about 20 s; the child running this has 60 s
 MAX_HEAL = 20_000  # entries deleted per pass; the next repair (or audit) takes the rest
 
 

@@ -137,3 +137,14 @@ def test_desired_rules_follow_dockers_networks() -> None:
         ("10.76.0.0/24", "198.51.100.32", "net:snat"), ("10.77.0.0/24", None, "net:plain")]
     assert [r.label for r in rules if r.source and r.family is Family.IPV6] == ["net:plain"]
     assert not any(r.source == "10.78.0.0/24" for r in rules)
+
+
+def test_the_example_config_lists_every_key_with_its_default() -> None:
+    """systemd/portguard.toml (installed as /etc/portguard/portguard.toml) names every key, each at its default."""
+    import tomllib
+
+    from portguard.config import KEYS, _flatten
+
+    example = Path(__file__).resolve().parents[2] / "systemd" / "portguard.toml"
+    assert set(_flatten(tomllib.loads(example.read_text()))) == set(KEYS)
+    assert load_config(example, env={}) == Config()

@@ -13,6 +13,18 @@ from netns import Netns
 
 
 @pytest.fixture
+def acl(ns: Netns) -> Iterator[Any]:
+    """The stateless ACL and its server in front of ``ns`` (tests/topology.py), removed afterwards."""
+    from topology import AclNetwork
+
+    net = AclNetwork(ns)
+    try:
+        yield net
+    finally:
+        net.close()
+
+
+@pytest.fixture
 def daemons() -> Iterator[list[Any]]:
     """`portguard run` processes a test starts (tests/daemonproc.py); each is ended by PID afterwards."""
     started: list[Any] = []

@@ -6,7 +6,6 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,15 +16,6 @@ from topology import ACL_LOW, AclNetwork
 
 pytestmark = pytest.mark.netns
 NO_DOCKER = {"DOCKER_HOST": "unix:///nonexistent/docker.sock"}
-
-
-@pytest.fixture
-def acl(ns: Netns) -> Iterator[AclNetwork]:
-    net = AclNetwork(ns)
-    try:
-        yield net
-    finally:
-        net.close()
 
 
 def _start(daemons: list[PortguardDaemon], ns: Netns, tmp_path: Path, *args: str) -> PortguardDaemon:

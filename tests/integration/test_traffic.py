@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from helpers import BACKENDS, apply
@@ -10,15 +10,6 @@ from netns import Netns
 from topology import ACL_LOW, AclNetwork
 
 pytestmark = pytest.mark.netns
-
-
-@pytest.fixture
-def acl(ns: Netns) -> Iterator[AclNetwork]:
-    net = AclNetwork(ns)
-    try:
-        yield net
-    finally:
-        net.close()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -8,7 +8,6 @@ every trigger costs when nothing changed) and a repair after one network's rule 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -93,7 +92,6 @@ def main() -> None:
         finally:
             ns.close()
     print(f"(median of {args.reps}: no-op sync = a trigger when nothing changed; repair = one rule deleted, then sync)")
-    _ = statistics
 
 
 if __name__ == "__main__":

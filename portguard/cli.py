@@ -174,8 +174,10 @@ def _netfilter_command(args: argparse.Namespace, cfg: Config, log: Logger) -> in
 
 def _render(args: argparse.Namespace, backend: Any, rules: Sequence[Any]) -> int:
     text = backend.render(rules)
-    print(document("render", EXIT_OK, backend=backend.name, rules=rules_doc(rules), text=text) if args.json
-          else text, end="" if not args.json else "\n")
+    if args.json:
+        print(document("render", EXIT_OK, backend=backend.name, rules=rules_doc(rules), text=text))
+    else:
+        print(text, end="")
     return EXIT_OK
 
 

@@ -77,6 +77,8 @@ def _nft_bypasses() -> list[str]:
             if rc == 0:
                 rules += [o["rule"] for o in json.loads(listing).get("nftables", []) if "rule" in o]
         return notrack_rules(chains, rules)
+    except ValueError:
+        return []  # a listing that is not JSON (nft 1.0.6 garbles some fields): no finding rather than a crash
     finally:
         nft.close()
 

@@ -11,7 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from helpers import BACKENDS, apply, delete_rule, xt
+from helpers import BACKENDS, apply, delete_rule
 from netns import REPO, Netns
 
 from portguard.parser import COMMANDS, build_parser
@@ -139,7 +139,6 @@ def test_dry_run_writes_nothing_and_reports_empty_broken_and_healthy(ns: Netns, 
             assert code == 0 and pending == {"added": [], "replaced": [], "removed": []}, pending
         text = ns.portguard("apply", "--dry-run", "--backend", backend)
         assert text.returncode == code and (("add: ipv4/tcp/host" in text.stdout) == (stage != "healthy"))
-    _ = xt
 
 
 @pytest.mark.netns

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from portguard.errors import ConfigError
-from portguard.rules import Family, PortRange, Protocol
+from portguard.rules import Family, PortRange, Protocol, parse_mark
 
 __all__ = [
     "BACKENDS",
@@ -28,6 +28,7 @@ __all__ = [
     "KEYS",
     "Config",
     "iface_matches",
+    "interface_ok",
     "load_config",
     "narrow_target_warning",
 ]
@@ -55,6 +56,9 @@ class Config:
     egress_interfaces: tuple[str, ...] = ()
     egress_exclude_interfaces: tuple[str, ...] = ("lo", "docker0", "br-+")
     egress_exclude_destinations: tuple[str, ...] = ()
+    masquerade_sources: tuple[str, ...] = ()
+    masquerade_keep_destinations: tuple[str, ...] = ()
+    kubernetes_masquerade_mark: str = "auto"
     daemon_reconcile_interval: float = 30.0
     daemon_min_interval: float = 0.01
     daemon_max_backoff: float = 30.0
@@ -169,6 +173,15 @@ def validate_interface(name: str, key: str) -> str:
     return name
 
 
+def interface_ok(name: str) -> bool:
+    """Can every backend represent this interface name identically (a runtime's bridge, say)?"""
+    try:
+        validate_interface(name, "bridge")
+    except ConfigError:
+        return False
+    return True
+
+
 def iface_matches(pattern: str, name: str) -> bool:
     """iptables' rule: a trailing '+' matches any name starting with the rest."""
     return name.startswith(pattern[:-1]) if pattern.endswith("+") else name == pattern
@@ -189,6 +202,17 @@ def _cidrs(raw: Any, key: str) -> tuple[str, ...]:
             raise ConfigError(f"{key}: {_show(item)} matches every destination; drop the family instead")
         out.append(str(net))
     return _no_duplicates(tuple(out), key)
+
+
+def _mark(raw: Any, key: str) -> str:
+    """``auto`` (read kube-proxy's own rules), ``""`` (none) or a mark like ``0x4000/0x4000``, canonical."""
+    value = _string(raw, key).strip().lower()
+    if value in ("auto", ""):
+        return value
+    mark = parse_mark(value)
+    if mark is None:
+        raise ConfigError(f'{key}: expected "auto", "" or a mark like 0x4000/0x4000 (value/mask), got {_show(raw)}')
+    return f"{mark[0]:#x}/{mark[1]:#x}"
 
 
 def _choice(choices: tuple[str, ...]) -> Callable[[Any, str], str]:
@@ -273,6 +297,9 @@ KEYS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
     "egress.interfaces": ("egress_interfaces", _interfaces),
     "egress.exclude_interfaces": ("egress_exclude_interfaces", _interfaces),
     "egress.exclude_destinations": ("egress_exclude_destinations", _cidrs),
+    "masquerade.sources": ("masquerade_sources", _cidrs),
+    "masquerade.keep_destinations": ("masquerade_keep_destinations", _cidrs),
+    "kubernetes.masquerade_mark": ("kubernetes_masquerade_mark", _mark),
     "daemon.reconcile_interval": ("daemon_reconcile_interval", _seconds(1.0, 86400.0)),
     "daemon.min_interval": ("daemon_min_interval", _seconds(0.001, 60.0)),
     "daemon.max_backoff": ("daemon_max_backoff", _seconds(0.1, 3600.0)),
@@ -293,7 +320,8 @@ def env_name(key: str) -> str:
 
 
 _ENV_TO_KEY = {env_name(k): k for k in KEYS}
-_ENV_NOT_KEYS = {"PORTGUARD_CONFIG"}
+# Variables of ours that are not settings: the config path, and the image the deploy files (Swarm stack) take.
+_ENV_NOT_KEYS = {"PORTGUARD_CONFIG", "PORTGUARD_IMAGE"}
 
 
 def _flatten(doc: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -357,13 +385,16 @@ def _check_relations(cfg: Config) -> None:
             raise ConfigError(
                 f"egress.interfaces: {name!r} is excluded by egress.exclude_interfaces {hit!r}: no rule could match it"
             )
-    families = {ipaddress.ip_network(c).version for c in cfg.egress_exclude_destinations}
     wanted = {4 if f is Family.IPV4 else 6 for f in cfg.families}
-    unused = families - wanted
-    if unused:
-        raise ConfigError(
-            f"egress.exclude_destinations: IPv{min(unused)} networks listed but families has no ipv{min(unused)}"
-        )
+    for key, cidrs in (("egress.exclude_destinations", cfg.egress_exclude_destinations),
+                       ("masquerade.sources", cfg.masquerade_sources),
+                       ("masquerade.keep_destinations", cfg.masquerade_keep_destinations)):
+        unused = {ipaddress.ip_network(c).version for c in cidrs} - wanted
+        if unused:
+            raise ConfigError(f"{key}: IPv{min(unused)} networks listed but families has no ipv{min(unused)}")
+    if cfg.masquerade_keep_destinations and not cfg.masquerade_sources:
+        raise ConfigError("masquerade.keep_destinations: listed but masquerade.sources is empty: nothing to keep "
+                          "them from")
 
 
 def load_config(

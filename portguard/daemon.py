@@ -2,7 +2,8 @@
 
 Workers, each supervised (restarted after a crash; the daemon exits 2 when one cannot be kept alive):
   * ``runner``: coalesced, rate-limited full syncs with a jittered periodic backstop (runner.py);
-  * ``docker``: network and daemon events and the network inventory (watch/docker.py);
+  * ``docker``, ``podman``, ``cni``, ``kube-proxy``: the runtimes' inventory, each from its source
+    (watch/docker.py, watch/runtimes.py): a changed part changes the rules and requests a sync;
   * ``nft-notify`` and ``poll``: kernel change sources, as the backend asks (watch/sources.py);
   * ``effects``: conntrack healing and the effect audit, never on the sync's path (effects.py);
   * ``metrics``: /metrics and /healthz, bounded (metrics.py).
@@ -23,14 +24,14 @@ from collections.abc import Callable
 from portguard import __version__
 from portguard.backends import Backend, make_backend
 from portguard.config import Config
-from portguard.desired import desired_rules, skipped_networks
+from portguard.desired import desired_rules
 from portguard.detect import select_backend
 from portguard.effects import EffectWorker
 from portguard.errors import FatalError, PortguardError, RetryableError, UnfixableError
 from portguard.health import Health, StormMeter
+from portguard.inventory import Inventory, Part
 from portguard.logs import Logger
 from portguard.metrics import Metrics, MetricsServer
-from portguard.networks import DockerNetwork
 from portguard.reconciler import Reconciler
 from portguard.reload import Reloader
 from portguard.runner import Schedule, SyncRunner
@@ -38,6 +39,7 @@ from portguard.runtime import RuntimeDir
 from portguard.sdnotify import Notifier
 from portguard.supervisor import Supervisor
 from portguard.watch.docker import DockerWatcher
+from portguard.watch.runtimes import runtime_sources
 from portguard.watch.sources import change_sources
 
 __all__ = ["Daemon", "run_daemon"]
@@ -82,10 +84,13 @@ class Daemon:
         self._cleanup = cleanup_on_exit
         self._runtime = runtime
         self._lock = threading.Lock()
-        self._networks: tuple[DockerNetwork, ...] = ()
+        # What the last daemon here recorded stands until each source has reported (a restart keeps Docker's
+        # networks covered while Docker is still being asked).
+        self._inventory = (runtime.load_inventory() if runtime is not None else None) or Inventory()
         self._unfixable = ""  # the unfixable condition last logged: each change is logged once
         self._fatal: PortguardError | None = None
         self._docker_up = False
+        self._installed = False  # the first complete write is an install, every later one a repair
         self._note = ""  # the backend's last note, logged once
         self.supervisor = Supervisor(log, on_restart=lambda name: self.metrics.worker_restarts.labels(name).inc())
         self.health = Health(notifier or Notifier(), reconcile_interval=cfg.daemon_reconcile_interval,
@@ -101,7 +106,8 @@ class Daemon:
             heartbeat=self.health.beat,
             heartbeat_interval=self.health.heartbeat_interval,
         )
-        self._reloader = Reloader(reload_config, self._adopt, self.health, log)
+        self._reloads = runtime.reload_outcome()[0] if runtime is not None else 0
+        self._reloader = Reloader(reload_config, self._adopt, self.health, log, on_outcome=self._record_reload)
         self._docker: DockerWatcher | None = None
 
     # ---- the rules: config, backend and Docker's inventory ----
@@ -124,7 +130,7 @@ class Daemon:
         for missing in (f for f in cfg.families if f not in families):
             self._log.warning("family.unavailable", family=missing.value, backend=backend.name,
                               detail="this host cannot translate it with this backend; other families stay enforced")
-        return Reconciler(backend, desired_rules(cfg, self._networks, families), self._log,
+        return Reconciler(backend, desired_rules(cfg, self._inventory, families), self._log,
                           conflicts=selection.conflicts)
 
     @property
@@ -132,18 +138,25 @@ class Daemon:
         with self._lock:
             return self._reconciler
 
-    def set_networks(self, networks: tuple[DockerNetwork, ...]) -> None:
-        """Docker's inventory was read: derive the rules (the watcher requests the sync right after)."""
+    def set_part(self, runtime: str, part: Part | None) -> None:
+        """A runtime's source read its part (None: that runtime is not here): derive the rules, sync if they
+        changed."""
         with self._lock:
-            self._networks = networks
+            before = self._inventory
+            self._inventory = before.with_part(runtime, part)
+            if self._inventory == before:
+                return
             reconciler = self._reconciler
             families = [f for f in self.cfg.families if f in reconciler.backend.families()]
-            changed = reconciler.set_rules(desired_rules(self.cfg, networks, families))
-        if changed:
-            self._log.info("docker.networks", networks=len(networks), rules=len(reconciler.rules),
-                           skipped=skipped_networks(networks))
+            changed = reconciler.set_rules(desired_rules(self.cfg, self._inventory, families))
+            inventory = self._inventory
+        now = inventory.part(runtime)
+        self._log.info("inventory.changed", runtime=runtime, networks=len(now.networks) if now else 0,
+                       marks=[f"{v:#x}/{m:#x}" for v, m in now.marks] if now else [], rules=len(reconciler.rules))
         if self._runtime is not None:
-            self._runtime.save_networks(networks)
+            self._runtime.save_inventory(inventory)
+        if changed:
+            self.runner.request()
 
     # ---- the one sync every trigger requests ----
 
@@ -153,7 +166,7 @@ class Daemon:
         name = reconciler.backend.name
         started = time.perf_counter()
         try:
-            report = reconciler.sync()
+            report = reconciler.sync(installing=not self._installed)
         except UnfixableError as exc:
             # No write of portguard's can fix it: report each change once, no rewrites, no backoff.
             self.metrics.sync_failures.labels("unfixable").inc()
@@ -176,6 +189,7 @@ class Daemon:
             self.health.synced(False, "retrying after an internal error")
             return False
         after = report.after
+        self._installed = self._installed or not after.needs_write
         self.metrics.observed(after, ok=after.healthy, seconds=time.perf_counter() - started, now=time.time())
         self._report_unfixable("; ".join(after.unfixable), name)
         if after.note and after.note != self._note:
@@ -217,6 +231,11 @@ class Daemon:
     def healthy(self) -> bool:
         return self.health.healthy()
 
+    def _record_reload(self, ok: bool, detail: str) -> None:
+        self._reloads += 1
+        if self._runtime is not None:
+            self._runtime.record_reload(self._reloads, ok, detail)
+
     # ---- workers ----
 
     def _docker_worker(self, cfg: Config) -> Callable[[threading.Event], None]:
@@ -227,7 +246,7 @@ class Daemon:
             docker_host=cfg.docker_host,
             max_backoff=cfg.daemon_max_backoff,
             on_connection=self._set_docker,
-            on_networks=self.set_networks,
+            on_part=self.set_part,
         )
         self._docker = watcher
         return watcher.run
@@ -238,16 +257,22 @@ class Daemon:
 
     def _start_workers(self) -> None:
         sup = self.supervisor
+        metrics = None
+        if self.cfg.metrics_listen:
+            # Bound before the first sync can send READY=1: ready means the endpoint answers.
+            metrics = MetricsServer(self.metrics, self.cfg.metrics_listen, self.healthy, self._log)
+            metrics.bind()
         sup.start("runner", self.runner.loop)
         sup.start("docker", self._docker_worker(self.cfg))
         sources = change_sources(lambda: self.reconciler.backend.watch, lambda _why: self.runner.request(),
                                  self._log, poll_interval=lambda: self.cfg.daemon_poll_interval,
                                  on_malformed=self.metrics.malformed.inc)
+        sources.update(runtime_sources(lambda: self.cfg, self.set_part))
         for name, work in sources.items():
             sup.start(name, work)
         sup.start("effects", self.effects.run)
-        if self.cfg.metrics_listen:
-            sup.start("metrics", MetricsServer(self.metrics, self.cfg.metrics_listen, self.healthy, self._log).run)
+        if metrics is not None:
+            sup.start("metrics", metrics.run)
 
     # ---- life cycle ----
 

@@ -106,10 +106,13 @@ class Lab:
         self.procs.append(proc)
         return proc  # type: ignore[no-any-return]
 
-    def start_docker(self) -> bool:
+    def start_docker(self) -> str:
+        """Start a dockerd in the demo's host namespace; "" when it runs, else why the demo goes without it."""
         busybox = shutil.which("busybox")
-        if not shutil.which("dockerd") or not busybox:
-            return False
+        if not shutil.which("dockerd") or not shutil.which("docker"):
+            return "docker.io is not installed: host side only"
+        if not busybox:
+            return "busybox is not installed (the container image is made from it: apt install busybox-static)"
         log = (self.tmp / "dockerd.log").open("wb")
         self.dockerd = self.spawn(["nsenter", f"--net=/var/run/netns/{self.host}", "dockerd", "--data-root",
                                    str(self.tmp / "data"), "--exec-root", str(self.tmp / "exec"), "--pidfile",
@@ -118,7 +121,7 @@ class Lab:
         deadline = time.monotonic() + 60
         while self.docker("version", check=False).returncode != 0:
             if time.monotonic() > deadline or self.dockerd.poll() is not None:
-                return False
+                return f"dockerd did not start (log: {self.tmp / 'dockerd.log'})"
             time.sleep(0.2)
         tar = self.tmp / "busybox.tar"
         with tarfile.open(tar, "w") as t:
@@ -128,7 +131,7 @@ class Lab:
                 link.type, link.linkname = tarfile.SYMTYPE, "busybox"
                 t.addfile(link)
         self.docker("import", str(tar), IMAGE)
-        return True
+        return ""
 
     def docker(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=120, check=False,
@@ -182,10 +185,12 @@ def _lab() -> Iterator[Lab]:
 
 
 def run_demo(*, as_json: bool, out: Callable[[str], None] = print) -> int:
+    """The scenes, as a table (or one JSON document: ``docker`` and ``scenes``); 0, 2 on error, 130 on Ctrl-C."""
     if os.geteuid() != 0:
-        out("portguard demo needs root: it creates network namespaces (nothing in this host's own)")
-        return 2
+        return _failed(as_json, out, "portguard demo needs root: it creates network namespaces (nothing in this "
+                       "host's own)")
     rows: list[Row] = []
+    without_docker = ""
 
     def row(scene: str, ok: bool, port: int | None, client: str, note: str = "") -> None:
         r = Row(scene, client, "passes ACL" if ok else "REJECTED", port, note)
@@ -195,13 +200,14 @@ def run_demo(*, as_json: bool, out: Callable[[str], None] = print) -> int:
 
     try:
         with _lab() as lab:
-            docker = lab.start_docker()
+            without_docker = lab.start_docker()
+            docker = not without_docker
             client = "container" if docker else "host (low ports)"
             if not docker:
                 lab.ns(lab.host, "sysctl", "-qw", LOW_PORTS)
             if not as_json:
                 out(f"ACL on {SERVER_IP}: TCP from source ports < {ACL_LOW} rejected"
-                    + ("" if docker else "  (docker.io not installed: host side only)"))
+                    + (f"  (without Docker: {without_docker})" if without_docker else ""))
                 out(f"{'scene':<44} {'client':<18} {'result':<11} {'port':>6}")
             row("1. no rule", *lab.fetch(), client)
             if docker:
@@ -237,11 +243,19 @@ def run_demo(*, as_json: bool, out: Callable[[str], None] = print) -> int:
         out("interrupted: namespaces removed")
         return 130
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-        out(f"portguard demo: error: {exc}")
-        return 2
+        return _failed(as_json, out, str(exc))
     if as_json:
-        out(json.dumps([asdict(r) for r in rows], indent=2))
+        out(json.dumps({"command": "demo", "exit": 0, "docker": {"used": not without_docker, "why_not": without_docker},
+                        "scenes": [asdict(r) for r in rows]}, indent=2))
     return 0
+
+
+def _failed(as_json: bool, out: Callable[[str], None], message: str) -> int:
+    if as_json:
+        out(json.dumps({"command": "demo", "exit": 2, "error": message}, indent=2))
+    else:
+        out(f"portguard demo: error: {message}")
+    return 2
 
 
 def _wait(predicate: Callable[[], bool], timeout: float = 20) -> None:

@@ -1,18 +1,23 @@
-"""What portguard wants in the kernel: a pure function of the config and Docker's networks.
+"""What portguard wants in the kernel: a pure function of the config and the runtimes' inventory.
 
-Per address family, in chain order:
+Per address family, two chains.  The **early** chain runs before every other source NAT on the host and holds,
+in order:
 
-1. exclusions by egress interface (``lo``, ``docker0``, ``br-+`` and each network's own bridge:
-   Docker never translates traffic that stays on a network's bridge, ``! -o BRIDGE``);
-2. exclusions by destination (``egress.exclude_destinations``);
+1. exclusions by egress interface (``lo``, ``docker0``, ``br-+`` and every runtime's own bridge: no runtime
+   translates traffic that stays on its bridge, and a host talking to its containers keeps its port);
+2. exclusions by destination (``egress.exclude_destinations``: untouched, port included);
 3. per protocol (and per egress interface when scoped):
-   a. host traffic (source address is one of this host's own): port-only SNAT, the address stays;
-   b. each Docker network Docker does *not* masquerade the default way: SNAT to its
-      ``host_ipv4``/``host_ipv6`` address, or port-only when Docker does not NAT it at all;
-   c. everything else that is forwarded: MASQUERADE, as Docker's own rule would, port moved.
+   a. packets a runtime masquerades by firewall mark (kube-proxy's ``0x4000/0x4000``): masquerade, port moved;
+   b. host traffic (its source address is one of this host's own): port-only SNAT, the address stays;
+4. each translating network's own exceptions (from its subnet to destinations its runtime leaves alone:
+   its subnet, multicast, a cluster CIDR), which return to the rest of the host's NAT;
+5. per protocol (and scope), each network its runtime masquerades or SNATs: the same translation, port moved.
 
-Networks Docker masquerades the default way need no rule of their own: (c) does exactly what
-Docker's MASQUERADE would, with the port moved into ``to_ports``.
+The **late** chain runs after every other source NAT, so it only sees connections that nobody on the host
+translated (the kernel stops at the first NAT binding): the same exclusions, then a port-only SNAT.  Forwarded
+traffic nothing translates (a routed LAN, pod to pod, a network its runtime does not NAT) keeps its address and
+gets its port moved; traffic another program translates in a way portguard does not know keeps that program's
+translation (doctor names it).
 """
 
 from __future__ import annotations
@@ -21,77 +26,77 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import replace
 
-from portguard.config import Config, iface_matches, validate_interface
-from portguard.errors import ConfigError
-from portguard.networks import DockerNetwork
+from portguard.config import Config, iface_matches
+from portguard.inventory import Inventory, Network
 from portguard.rules import Action, Family, Rule
 
-__all__ = ["desired_rules", "skipped_networks"]
+__all__ = ["configured_networks", "desired_rules"]
 
 
 def _version(family: Family) -> int:
     return 4 if family is Family.IPV4 else 6
 
 
-def _bridge_ok(name: str) -> bool:
-    try:
-        validate_interface(name, "bridge")
-    except ConfigError:
-        return False
-    return True
+def _in_family(cidr: str, family: Family) -> bool:
+    return ipaddress.ip_network(cidr).version == _version(family)
 
 
-def skipped_networks(networks: Sequence[DockerNetwork]) -> list[str]:
-    """Networks whose bridge name no backend can represent identically: they get no rules (logged)."""
-    return [n.name for n in networks if not _bridge_ok(n.bridge)]
+def configured_networks(cfg: Config) -> tuple[Network, ...]:
+    """The operator's ``[masquerade]`` section as a network of the ``config`` runtime (ip-masq-agent style)."""
+    if not cfg.masquerade_sources:
+        return ()
+    return (Network("config", "masquerade", "", cfg.masquerade_sources, True,
+                    keep_destinations=cfg.masquerade_keep_destinations),)
 
 
-def _network_rules(family: Family, networks: Sequence[DockerNetwork]) -> list[tuple[str, str | None]]:
-    """(subnet, SNAT address or None for port-only) for each network that differs from plain masquerade."""
-    version = _version(family)
-    out: list[tuple[str, str | None]] = []
+def _exclusions(family: Family, cfg: Config, networks: Sequence[Network], *, late: bool) -> list[Rule]:
+    interfaces = list(cfg.egress_exclude_interfaces)
     for net in networks:
-        if not _bridge_ok(net.bridge):
-            continue
-        for subnet in net.subnets:
-            if ipaddress.ip_network(subnet).version != version:
-                continue
+        if net.bridge and not any(iface_matches(p, net.bridge) for p in interfaces):
+            interfaces.append(net.bridge)
+    rules = [Rule(family, Action.RETURN, out_interface=name, late=late, label="exclude") for name in interfaces]
+    rules += [Rule(family, Action.RETURN, destination=cidr, late=late, label="exclude")
+              for cidr in cfg.egress_exclude_destinations if _in_family(cidr, family)]
+    return rules
+
+
+def _family_rules(family: Family, cfg: Config, inventory: Inventory) -> list[Rule]:
+    networks = (*inventory.networks, *configured_networks(cfg))
+    version = _version(family)
+    translating = [n for n in networks if n.translates(version)]
+    early = _exclusions(family, cfg, networks, late=False)
+    late = _exclusions(family, cfg, networks, late=True)
+    scopes = cfg.egress_interfaces or (None,)
+    base = [Rule(family, Action.SNAT, out_interface=out, protocol=proto, sport=cfg.source_ports, to_ports=cfg.to_ports,
+                 fully_random=cfg.fully_random) for out in scopes for proto in cfg.protocols]
+    early += [replace(r, action=Action.MASQUERADE, fwmark=mark, label="kube-proxy") for r in base
+              for mark in inventory.marks]
+    early += [replace(r, local_source=True, label="host") for r in base]
+    for net in translating:
+        early += [Rule(family, Action.RETURN, source=subnet, destination=keep, label=net.label)
+                  for subnet in net.subnets if _in_family(subnet, family)
+                  for keep in net.keep_destinations if _in_family(keep, family)]
+    for rule in base:
+        for net in translating:
             address = net.nat_address(version)
-            if not net.masquerade or net.routed(version):
-                out.append((subnet, None))
-            elif address:
-                out.append((subnet, address))
-    return out
+            early += [replace(rule, action=Action.SNAT if address else Action.MASQUERADE, source=subnet,
+                              to_address=address, label=net.label)
+                      for subnet in net.subnets if _in_family(subnet, family)]
+    late += [replace(r, late=True, label="forwarded") for r in base]
+    return early + late
 
 
 def desired_rules(
     cfg: Config,
-    networks: Sequence[DockerNetwork] = (),
+    inventory: Inventory = Inventory(),  # noqa: B008  # a frozen value, safe to share
     families: Sequence[Family] | None = None,
 ) -> tuple[Rule, ...]:
-    """The ordered entries of portguard's chain for ``families`` (default: the configured ones)."""
+    """The ordered entries of portguard's chains for ``families`` (default: the configured ones).
+
+    Two runtimes may declare the same thing (flannel's subnet.env and the operator's ``[masquerade]``): the
+    rules are the same values, kept once.
+    """
     rules: list[Rule] = []
     for family in families if families is not None else cfg.families:
-        excluded = list(cfg.egress_exclude_interfaces)
-        for net in networks:
-            if _bridge_ok(net.bridge) and not any(iface_matches(p, net.bridge) for p in excluded):
-                excluded.append(net.bridge)
-        rules.extend(Rule(family, Action.RETURN, out_interface=name, label="exclude") for name in excluded)
-        rules.extend(
-            Rule(family, Action.RETURN, destination=cidr, label="exclude")
-            for cidr in cfg.egress_exclude_destinations
-            if ipaddress.ip_network(cidr).version == _version(family)
-        )
-        special = _network_rules(family, networks)
-        names = {s: n.name for n in networks for s in n.subnets}
-        for out in cfg.egress_interfaces or (None,):
-            for proto in cfg.protocols:
-                forwarded = Rule(family, Action.MASQUERADE, out_interface=out, protocol=proto, sport=cfg.source_ports,
-                                 to_ports=cfg.to_ports, fully_random=cfg.fully_random, label="forwarded")
-                rules.append(replace(forwarded, action=Action.SNAT, local_source=True, label="host"))
-                rules.extend(
-                    replace(forwarded, action=Action.SNAT, source=net, to_address=address, label=f"net:{names[net]}")
-                    for net, address in special
-                )
-                rules.append(forwarded)
-    return tuple(rules)
+        rules += _family_rules(family, cfg, inventory)
+    return tuple(dict.fromkeys(rules))

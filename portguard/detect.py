@@ -13,14 +13,14 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from portguard.backends import Backend, make_backend
 from portguard.backends.xtables import legacy_nat_registered
 from portguard.config import BACKEND_NAMES
 from portguard.errors import FatalError
 
-__all__ = ["Selection", "docker_firewall_driver", "docker_iptables_flavour", "firewall_kind", "select_backend"]
+__all__ = ["Selection", "docker_firewall_driver", "docker_iptables_flavour", "docker_nft_table", "firewall_kind",
+           "select_backend"]
 
 AUTO_ORDER = BACKEND_NAMES
 
@@ -58,22 +58,23 @@ def docker_iptables_flavour() -> str | None:
 
 def docker_firewall_driver(docker_host: str = "", timeout: float = 2.0) -> str | None:
     """Docker's own word on its firewall (``docker info`` FirewallBackend, Docker >= 28); None if unknown."""
+    from portguard.runtimes.docker import ask
+
+    return ask(docker_host, timeout).firewall
+
+
+def docker_nft_table() -> bool:
+    """Does Docker's native nftables table exist (Docker 29's ``firewall-backend: nftables``: ``ip docker-bridges``)?"""
+    from portguard.backends.nftables import Libnftables
+
     try:
-        import docker  # deferred: one-shot commands that never ask Docker don't pay for it
-    except ImportError:
-        return None
+        nft = Libnftables()
+    except FatalError:
+        return False
     try:
-        kwargs = {"base_url": docker_host} if docker_host else docker.utils.kwargs_from_env()
-        client = docker.APIClient(timeout=timeout, **kwargs)
-        try:
-            info: dict[str, Any] = client.info()
-        finally:
-            client.close()
-    except Exception:  # noqa: BLE001  # any failure to reach Docker means "unknown", never an error here
-        return None
-    fw = info.get("FirewallBackend") or {}
-    driver = fw.get("Driver") if isinstance(fw, dict) else None
-    return str(driver) if driver else None
+        return nft.run("list table ip docker-bridges")[0] == 0
+    finally:
+        nft.close()
 
 
 def firewall_kind(driver: str | None) -> str | None:

@@ -1,13 +1,15 @@
 """``portguard doctor``: why a host is (un)protected, in one report.
 
 Each check yields findings; a finding is either ``info`` or a ``risk`` (traffic unprotected or
-at risk).  Exit 0 without risks, 1 with any, 2 on error.  Docker not running is information: the
-rule protects the host without it.
+at risk).  Exit 0 without risks, 1 with any, 2 on error.  A runtime not running is information:
+the rules protect the host without it.  Each runtime says what it knows of itself (runtimes/);
+the doctor only collects.
 """
 
 from __future__ import annotations
 
 import collections
+import ipaddress
 import platform
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,13 +21,15 @@ import structlog
 from portguard.audit import audit
 from portguard.backends import Observation
 from portguard.backends.bypass import find_bypasses
+from portguard.backends.foreign import foreign_nat, uncovered
 from portguard.config import Config
 from portguard.conntrack import Flow, list_flows
-from portguard.desired import desired_rules
-from portguard.detect import Selection, docker_firewall_driver, docker_iptables_flavour, select_backend
-from portguard.networks import DockerNetwork
+from portguard.desired import configured_networks, desired_rules
+from portguard.detect import select_backend
+from portguard.inventory import Inventory
 from portguard.reconciler import Reconciler
-from portguard.rules import PortRange, Rule
+from portguard.rules import Action, Family, PortRange, Rule
+from portguard.runtimes import READERS
 
 __all__ = ["Finding", "Report", "capacity_use", "escaping_ports", "run_doctor"]
 
@@ -100,60 +104,81 @@ def _ownership(report: Report, obs: Observation) -> None:
                       f"kernel {platform.release()} has no table ownership (5.12+): the daemon repairs instead"))
 
 
-def _explain_traffic(report: Report, cfg: Config, rules: Sequence[Rule], networks: Sequence[DockerNetwork]) -> None:
+def _explain_traffic(report: Report, cfg: Config, rules: Sequence[Rule], inventory: Inventory) -> None:
     """One line per traffic class: what leaves the host, address and port (README: What portguard changes)."""
     ports, to = cfg.source_ports, cfg.to_ports
     lines = [f"host traffic (any local address): address unchanged, source port {ports} moved into {to}"]
-    special = {r.source: r for r in rules if r.source}
-    for net in networks:
+    for value, mask in inventory.marks:
+        lines.append(f"packets marked {value:#x}/{mask:#x} (kube-proxy's masquerade): masqueraded to the egress "
+                     f"address, as kube-proxy would, port moved into {to}")
+    for net in (*inventory.networks, *configured_networks(cfg)):
         for subnet in net.subnets:
-            rule = special.get(subnet)
-            if rule is None:
-                how = "masqueraded to the egress address as Docker would"
-            elif rule.to_address:
-                how = f"SNAT to {rule.to_address} as Docker would (host_ipv4/host_ipv6)"
-            else:
-                how = "address unchanged (Docker does not NAT it)"
-            lines.append(f"Docker network {net.name} {subnet}: {how}, port moved into {to}")
-    lines.append(f"other forwarded traffic: masqueraded to the egress address, port moved into {to}")
+            version = ipaddress.ip_network(subnet).version
+            keep = [k for k in net.keep_destinations if ipaddress.ip_network(k).version == version]
+            but = f" (towards {', '.join(keep)}: address unchanged)" if keep and net.translates(version) else ""
+            lines.append(f"{net.runtime} network {net.name} {subnet}: {net.how(version)}{but}, port moved into {to}")
+    lines.append(f"other forwarded traffic that nothing on this host translates (a routed LAN, pod to pod): address "
+                 f"unchanged, port moved into {to}")
+    lines.append("traffic another program translates in a way portguard does not know: that program's translation, "
+                 "port unchanged (named below when found)")
     for cidr in cfg.egress_exclude_destinations:
         lines.append(f"to {cidr}: unchanged (egress.exclude_destinations)")
-    lines.append(f"leaving through {', '.join(cfg.egress_exclude_interfaces) or 'no interface'}: unchanged")
+    excluded = list(dict.fromkeys(r.out_interface for r in rules
+                                  if r.action is Action.RETURN and r.out_interface and not r.late))
+    lines.append(f"leaving through {', '.join(excluded) or 'no interface'}: unchanged (loopback and the runtimes' "
+                 "bridges)")
     report.facts["traffic"] = lines
+    report.facts["runtimes"] = inventory.to_doc()
     for line in lines:
         report.add("traffic", "info", line)
 
 
-def _docker(report: Report, cfg: Config, selection: Selection) -> None:
-    """Docker: reachability is information; a flavour mismatch is a risk for the iptables backends."""
-    firewall = docker_firewall_driver(cfg.docker_host)
-    flavour = selection.docker_flavour or docker_iptables_flavour()
-    report.facts["docker"] = {"firewall_driver": firewall, "iptables_flavour": flavour}
-    if firewall is None and flavour is None:
-        report.add("docker", "info", "Docker not reachable or not running: the rule protects the host without it")
-    elif flavour:
-        suffix = f" (firewall {firewall})" if firewall else ""
-        report.add("docker", "info", f"Docker writes iptables-{flavour}{suffix}")
-    for conflict in selection.conflicts:
-        report.add("docker", "risk", conflict)
+def _runtimes(report: Report, cfg: Config, inventory: Inventory) -> None:
+    """Each runtime's own word on itself (Docker: does it answer, are its rules there), and what none covers."""
+    for name, reader in READERS.items():
+        if reader.diagnose is None:
+            continue
+        facts, findings = reader.diagnose(cfg, inventory.part(name))
+        report.facts[name] = facts
+        for severity, message in findings:
+            report.add(name, severity, message)
 
 
-def run_doctor(cfg: Config, networks: Sequence[DockerNetwork] = ()) -> Report:
+def _uncovered(report: Report, cfg: Config, inventory: Inventory, families: Sequence[Family]) -> None:
+    covered = [s for n in (*inventory.networks, *configured_networks(cfg)) if n.translates(4) or n.translates(6)
+               for s in n.subnets]
+    found = uncovered(foreign_nat(families), covered)
+    report.facts["uncovered"] = [{"where": r.where, "rule": r.rule, "source": r.source} for r in found]
+    for r in found:
+        if r.source:
+            cover = f'cover it with [masquerade] sources = ["{r.source}"] (its traffic then leaves translated the ' \
+                    "same way, with the port moved)"
+            report.add("uncovered", "risk", f"{r.source} is translated by another program ({r.where}: {r.rule}): its "
+                       f"connections leave with their original port; {cover}")
+        else:
+            report.add("uncovered", "risk", f"a rule of another program translates traffic from any source ({r.where}: "
+                       f"{r.rule}): connections it matches leave with their original port; list the networks it "
+                       "serves in [masquerade] sources (and where they keep their address in keep_destinations)")
+
+
+def run_doctor(cfg: Config, inventory: Inventory = Inventory()) -> Report:  # noqa: B008  # a frozen value
     report = Report()
     selection = select_backend(cfg.backend, docker_host=cfg.docker_host)
     report.backend, report.backend_reason = selection.backend.name, selection.reason
     for why in selection.skipped:
         report.add("backend", "info", f"skipped: {why}")
-
-    _docker(report, cfg, selection)
+    for conflict in selection.conflicts:
+        report.add("docker", "risk", conflict)
+    _runtimes(report, cfg, inventory)
 
     # The rules, and everything that decides NAT before them.
     families = [f for f in cfg.families if f in selection.backend.families()]
     for missing in (f for f in cfg.families if f not in families):
         report.add("families", "info", f"{missing.value} is not translated: this host cannot do {missing.value} NAT "
                    f"with backend {selection.backend.name}; the other families are enforced")
-    rules = desired_rules(cfg, networks, families)
-    _explain_traffic(report, cfg, rules, networks)
+    rules = desired_rules(cfg, inventory, families)
+    _explain_traffic(report, cfg, rules, inventory)
+    _uncovered(report, cfg, inventory, families)
     log = structlog.get_logger("portguard.doctor")
     obs = Reconciler(selection.backend, rules, log, conflicts=selection.conflicts).observe()
     _ownership(report, obs)

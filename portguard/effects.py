@@ -117,7 +117,7 @@ def _job(kind: str, cfg: Config) -> dict[str, Any]:
 
 def _child(kind: str, cfg: Config) -> dict[str, Any]:
     try:
-        proc = subprocess.run([sys.executable, "-m", "portguard.effects"], input=json.dumps(_job(kind, cfg)),
+        proc = subprocess.run([sys.executable, "-P", "-m", "portguard.effects"], input=json.dumps(_job(kind, cfg)),
                               capture_output=True, text=True, timeout=CHILD_TIMEOUT, check=False)
     except subprocess.TimeoutExpired:
         raise ConntrackError(f"conntrack {kind} did not finish within {CHILD_TIMEOUT:.0f} s (killed)") from None
@@ -156,6 +156,16 @@ def work(job: dict[str, Any]) -> dict[str, Any]:
         return {"error": str(exc)}
 
 
+def lower_priority(step: int = 10) -> bool:
+    """The daemon's repairs and the host's own work come first.  A sandbox may refuse setpriority(2) (systemd's
+    ``~@resources`` filter answers EPERM): then the work runs at normal priority rather than not at all."""
+    try:
+        os.nice(step)
+    except OSError:
+        return False
+    return True
+
+
 if __name__ == "__main__":
-    os.nice(10)  # the daemon's repairs and the host's own work come first
-    print(json.dumps(work(json.load(sys.stdin))))
+    niced = lower_priority()
+    print(json.dumps({**work(json.load(sys.stdin)), "niced": niced}))

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 from importlib import resources
 from pathlib import Path
 
 from portguard.errors import ConfigError, FatalError
 
-__all__ = ["install_systemd"]
+__all__ = ["install_systemd", "this_program"]
 
 UNIT_PATH = Path("etc/systemd/system/portguard.service")
 CONFIG_PATH = Path("etc/portguard/portguard.toml")
@@ -32,15 +31,24 @@ def _path(value: str, what: str) -> str:
     return value
 
 
+def this_program() -> str:
+    """The command line that runs this very portguard: its script, or its Python with ``-m portguard``."""
+    script = Path(sys.argv[0])
+    if script.name == "portguard" and script.is_file():
+        return _path(str(script.resolve()), "--exec")  # a link such as /usr/local/bin/portguard: its target
+    return _path(sys.executable, "--exec") + " -m portguard"
+
+
 def install_systemd(root: Path, exec_path: str | None = None, *, force: bool = False) -> list[str]:
-    """Write the unit (ExecStart pointing at ``exec_path``) and, if none exists, the example config.
+    """Write the unit (ExecStart and ExecReload run ``exec_path``, by default this portguard) and, if none
+    exists, the example config.
 
     A unit that differs from what would be written (an operator edited it) is kept unless ``force``.
     Returns one line per file: what was done with it.
     """
     _path(str(root), "--root")
-    program = _path(exec_path or shutil.which("portguard") or str(Path(sys.argv[0]).resolve()), "--exec")
-    unit = _data("portguard.service").replace(f"ExecStart={DEFAULT_EXEC} run", f"ExecStart={program} run")
+    program = _path(exec_path, "--exec") if exec_path else this_program()
+    unit = _data("portguard.service").replace(f"={DEFAULT_EXEC} ", f"={program} ")
     done = []
     try:
         unit_file = root / UNIT_PATH

@@ -89,6 +89,16 @@ class MetricsServer:
         self.listen = listen
         self._healthy = healthy
         self._log = log
+        self._bound: socketserver.TCPServer | None = None
+
+    def bind(self) -> bool:
+        """Bind now, before the daemon reports READY=1, so that whoever reads READY can scrape at once.  A
+        failure is not an error here: run() logs it and keeps trying."""
+        try:
+            self._bound = self._server()
+        except OSError:
+            return False
+        return True
 
     def _server(self) -> socketserver.TCPServer:
         host, _, port = self.listen.rpartition(":")
@@ -150,7 +160,7 @@ class MetricsServer:
         failures = 0
         while not stop.is_set():
             try:
-                server = self._server()
+                server, self._bound = self._bound or self._server(), None
             except OSError as exc:
                 failures += 1
                 if failures == 1 or failures % 20 == 0:

@@ -69,9 +69,13 @@ class Reconciler:
         self.rules = rules
         return changed
 
-    def sync(self) -> SyncReport:
+    def sync(self, *, installing: bool = False) -> SyncReport:
         """Observe, write what a write can fix, verify.  Raises RetryableError, FatalError, or
-        UnfixableError (the kernel refuses portguard's write: report, never retry in a loop)."""
+        UnfixableError (the kernel refuses portguard's write: report, never retry in a loop).
+
+        ``installing``: this is the first write of a daemon or an operator's ``apply``; what it writes is an
+        install (``rule.installed``, info), not a repair of something another program broke (``rule.repaired``,
+        warning), so that ``journalctl -p warning`` shows only what went wrong."""
         start = self._clock()
         before = self.observe()
         if not before.needs_write:
@@ -88,7 +92,7 @@ class Reconciler:
             self._log.debug("sync.overwritten", states={s.rule.name: s.state.value for s in after.statuses})
             seen = after
         report = SyncReport(before, after, True, (self._clock() - start) * 1000)
-        self._report(report)
+        self._report(report, installing=installing)
         return report
 
     def _write(self, seen: Observation | None) -> None:
@@ -102,14 +106,17 @@ class Reconciler:
                 self._log.debug("sync.retry", error=str(exc), attempt=attempt + 1)
                 self._sleep(0.05 * 2**attempt)
 
-    def _report(self, report: SyncReport) -> None:
+    def _report(self, report: SyncReport, *, installing: bool) -> None:
         took = round(report.took_ms, 1)
         backend = self.backend.name
         by_reason: dict[State, list[str]] = {}
         for name, reason in report.repaired:
             by_reason.setdefault(reason, []).append(name)
         for reason, names in by_reason.items():
-            self._log.warning("rule.repaired", reason=reason.value, backend=backend, took_ms=took, rules=names)
+            if installing:
+                self._log.info("rule.installed", was=reason.value, backend=backend, took_ms=took, rules=names)
+            else:
+                self._log.warning("rule.repaired", reason=reason.value, backend=backend, took_ms=took, rules=names)
         for obj in report.before.stale:
             if obj not in report.after.stale:
                 self._log.info("rule.stale_removed", object=obj, backend=backend, took_ms=took)

@@ -3,7 +3,8 @@
 systemd is told ``RELOADING=1`` with ``MONOTONIC_USEC`` before and ``READY=1`` after (sd_notify(3)),
 so ``systemctl reload`` waits for the outcome.  Any failure while reading or adopting (a file that is
 not UTF-8, a 5,000-digit number, a backend that is gone, a bug) is logged as ``config.reload_failed``
-and the old config stays in force.
+and the old config stays in force.  Each outcome is handed to ``on_outcome`` (the runtime directory
+records it for ``portguard reload``, which the unit's ExecReload runs).
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ __all__ = ["Reloader"]
 
 class Reloader:
     def __init__(self, load: Callable[[], Config], adopt: Callable[[Config], None], health: Health, log: Logger,
-                 *, monotonic_usec: Callable[[], int] = lambda: time.monotonic_ns() // 1000) -> None:
+                 *, monotonic_usec: Callable[[], int] = lambda: time.monotonic_ns() // 1000,
+                 on_outcome: Callable[[bool, str], None] = lambda _ok, _detail: None) -> None:
         self._load = load
+        self._on_outcome = on_outcome
         self._adopt = adopt
         self._health = health
         self._log = log
@@ -34,10 +37,12 @@ class Reloader:
             cfg = self._load()
             self._adopt(cfg)
         except Exception as exc:  # noqa: BLE001  # whatever goes wrong, the running config stays in force
-            self._log.error("config.reload_failed", error=" ".join(str(exc).split())[:300] or type(exc).__name__,
-                            kept=current.source)
-            return None
-        finally:
+            error = " ".join(str(exc).split())[:300] or type(exc).__name__
+            self._log.error("config.reload_failed", error=error, kept=current.source)
             self._health.reloaded()
+            self._on_outcome(False, f"{error}; the running config ({current.source}) stays in force")
+            return None
+        self._health.reloaded()
         self._log.info("config.reloaded", source=cfg.source)
+        self._on_outcome(True, f"config {cfg.source} in force")
         return cfg

@@ -2,12 +2,12 @@
 
 Shapes (every document has ``command`` and ``exit``):
 
-* check: ``backend``, ``healthy``, ``owner``, ``rules`` [{``rule``, ``mark``, ``state``, ``detail``,
-  ``fixable``}], ``stale``, ``standby``, ``shadowed_by``, ``conflicts``, ``bypasses``
+* check: ``backend``, ``healthy``, ``owner``, ``rules`` [{``rule``, ``mark``, ``chain`` (early/late), ``state``,
+  ``detail``, ``fixable``}], ``stale``, ``standby``, ``shadowed_by``, ``conflicts``, ``bypasses``
 * apply: ``dry_run``, ``backend``, ``changed`` (dry run: would change), ``changes`` {``added``,
   ``replaced``, ``removed``}, ``found`` (the check shape before), ``result`` (after; null on a dry run)
 * remove: ``backend``, ``removed`` (objects deleted)
-* render: ``backend``, ``rules`` [{``rule``, ``mark``, ``family``, ``action``, ``spec``}], ``text``
+* render: ``backend``, ``rules`` [{``rule``, ``mark``, ``chain``, ``family``, ``action``, ``spec``}], ``text``
 * doctor: ``backend``, ``backend_reason``, ``healthy``, ``findings`` [{``check``, ``severity``,
   ``message``}], ``facts``
 * any command, on error: ``error`` (the same line as on stderr)
@@ -30,8 +30,8 @@ def observation_doc(obs: Observation) -> dict[str, Any]:
         "backend": obs.backend,
         "healthy": obs.healthy,
         "owner": obs.owner,
-        "rules": [{"rule": s.rule.name, "mark": s.rule.mark, "state": s.state.value, "detail": s.detail,
-                   "fixable": s.fixable} for s in obs.statuses],
+        "rules": [{"rule": s.rule.name, "mark": s.rule.mark, "chain": "late" if s.rule.late else "early",
+                   "state": s.state.value, "detail": s.detail, "fixable": s.fixable} for s in obs.statuses],
         "stale": list(obs.stale),
         "standby": list(obs.standby),
         "shadowed_by": list(obs.shadowed_by),
@@ -52,11 +52,11 @@ def changes(obs: Observation) -> dict[str, list[str]]:
 
 
 def rules_doc(rules: Sequence[Rule]) -> list[dict[str, str]]:
-    return [{"rule": r.name, "mark": r.mark, "family": r.family.value, "action": r.action.value, "spec": r.spec}
-            for r in rules]
+    return [{"rule": r.name, "mark": r.mark, "chain": "late" if r.late else "early", "family": r.family.value,
+             "action": r.action.value, "spec": r.spec} for r in rules]
 
 
-def document(command: str, code: int, **fields: Any) -> str:
+def document(command: str | None, code: int, **fields: Any) -> str:
     return json.dumps({"command": command, "exit": code, **fields}, indent=2)
 
 

@@ -1,4 +1,5 @@
-"""The daemon's runtime directory: the single-instance lock and the last Docker inventory.
+"""The daemon's runtime directory: the single-instance lock, the runtimes' last inventory and the last reload's
+outcome.
 
 ``/run/portguard`` is root's (systemd's RuntimeDirectory, mode 0700), so no unprivileged process can
 take the lock or plant a file; one subdirectory per network namespace (named by the namespace's
@@ -12,11 +13,11 @@ import fcntl
 import json
 import os
 import stat
-from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from portguard.errors import FatalError
-from portguard.networks import DockerNetwork, parse_networks
+from portguard.inventory import Inventory
 
 __all__ = ["RuntimeDir"]
 
@@ -62,32 +63,56 @@ class RuntimeDir:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def save_networks(self, networks: tuple[DockerNetwork, ...]) -> None:
-        """Record Docker's inventory for commands that cannot reach Docker (best effort, atomic)."""
+    def daemon_pid(self) -> int | None:
+        """The PID of the `portguard run` guarding this namespace, or None when none holds the lock."""
+        path = self.path / "run.lock"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = os.read(fd, 32).decode(errors="replace").strip()
+                return int(text) if text.isdigit() else None
+            return None  # the lock was free: no daemon
+        finally:
+            os.close(fd)
+
+    def _write(self, name: str, doc: object) -> None:
+        """Best effort and atomic: a reader sees the old document or the new one."""
         try:
             self._ensure()
-            tmp = self.path / "networks.json.tmp"
-            tmp.write_text(json.dumps([asdict(n) for n in networks]))
-            tmp.replace(self.path / "networks.json")
+            tmp = self.path / f"{name}.tmp"
+            tmp.write_text(json.dumps(doc))
+            tmp.replace(self.path / name)
         except (OSError, FatalError):
             return
 
-    def load_networks(self) -> tuple[DockerNetwork, ...] | None:
-        """The inventory the running daemon last saw here, or None."""
+    def _read(self, name: str) -> Any:
         try:
-            raw = json.loads((self.path / "networks.json").read_text())
-            # Back through the same parser as Docker's answer: every value is validated again.
-            return parse_networks(_as_api(n) for n in raw)
-        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return json.loads((self.path / name).read_text())
+        except (OSError, ValueError):
             return None
 
+    def record_reload(self, generation: int, ok: bool, detail: str) -> None:
+        """The outcome of the daemon's config reload number ``generation``, for `portguard reload`."""
+        self._write("reload.json", {"generation": generation, "ok": ok, "detail": detail})
 
-def _as_api(n: dict[str, object]) -> dict[str, object]:
-    opt = "com.docker.network."
-    options = {opt + "bridge.name": n["bridge"], opt + "bridge.enable_ip_masquerade": str(n["masquerade"]).lower(),
-               opt + "host_ipv4": n.get("host_ipv4") or "", opt + "host_ipv6": n.get("host_ipv6") or "",
-               opt + "bridge.gateway_mode_ipv4": "routed" if n.get("routed_ipv4") else "",
-               opt + "bridge.gateway_mode_ipv6": "routed" if n.get("routed_ipv6") else ""}
-    subnets = n["subnets"] if isinstance(n["subnets"], list) else []
-    return {"Name": n["name"], "Id": n["id"], "Driver": "bridge", "Options": options,
-            "IPAM": {"Config": [{"Subnet": s} for s in subnets]}}
+    def reload_outcome(self) -> tuple[int, bool, str]:
+        """(generation, ok, detail) of the last reload; generation 0 before the first."""
+        doc = self._read("reload.json")
+        if not isinstance(doc, dict) or not isinstance(doc.get("generation"), int):
+            return 0, False, ""
+        return doc["generation"], bool(doc.get("ok")), str(doc.get("detail", ""))
+
+    def save_inventory(self, inventory: Inventory) -> None:
+        """Record the runtimes' inventory for commands that cannot ask a runtime themselves (best effort)."""
+        self._write("inventory.json", inventory.to_doc())
+
+    def load_inventory(self) -> Inventory | None:
+        """The inventory the daemon here last saw (validated again on the way in; it may have stopped since: its
+        last view is still the best one of a runtime that does not answer), or None."""
+        doc = self._read("inventory.json")
+        return Inventory.from_doc(doc) if doc is not None else None

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,13 @@ def metric(body: str, name: str) -> float:
 
 
 class PortguardDaemon:
+    """``portguard run ARGS`` in ``ns`` (this checkout's, hermetic), or ``launch(env)``'s argv when given (another
+    userland's own portguard); its sd_notify socket is made in ``workdir`` (``notify_as``: the socket's path as
+    the daemon sees it, when that differs)."""
+
     def __init__(self, ns: Netns, workdir: Path, *args: str, env: dict[str, str] | None = None,
-                 watchdog_usec: int | None = None) -> None:
+                 watchdog_usec: int | None = None, launch: Callable[[dict[str, str]], list[str]] | None = None,
+                 notify_as: Callable[[str], str] = lambda path: path) -> None:
         self.ns = ns
         workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / f"portguard-{time.monotonic_ns()}.log"
@@ -52,15 +58,20 @@ class PortguardDaemon:
         self.notify.bind(sock_path)
         self.notify.settimeout(0.2)
         self.notes: list[str] = []
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("PORTGUARD_")}
-        # PORTGUARD_CONFIG: hermetic, never the host's /etc/portguard/portguard.toml
-        full_env.update({"NOTIFY_SOCKET": sock_path, "PORTGUARD_LOG_LEVEL": "debug", "PORTGUARD_CONFIG": "/dev/null"})
+        variables = {"NOTIFY_SOCKET": notify_as(sock_path), "PORTGUARD_LOG_LEVEL": "debug"}
+        if launch is None:
+            variables["PORTGUARD_CONFIG"] = "/dev/null"  # hermetic: never this machine's /etc/portguard/portguard.toml
         if watchdog_usec:
-            full_env["WATCHDOG_USEC"] = str(watchdog_usec)
-        full_env.update(env or {})
+            variables["WATCHDOG_USEC"] = str(watchdog_usec)
+        variables.update(env or {})
         self._log_file = self.log_path.open("w")
-        self.proc = ns.popen([sys.executable, "-m", "portguard", "run", *args], stdout=self._log_file,
-                             stderr=subprocess.STDOUT, env=full_env)
+        if launch is None:
+            full_env = {k: v for k, v in os.environ.items() if not k.startswith("PORTGUARD_")}
+            self.proc = subprocess.Popen(ns.portguard_argv("run", *args), stdout=self._log_file,
+                                         stderr=subprocess.STDOUT, env={**full_env, **variables})
+        else:
+            self.proc = subprocess.Popen(launch(variables), stdout=self._log_file, stderr=subprocess.STDOUT)
+        ns.procs.append(self.proc)  # ended with the namespace too
 
     def drain(self) -> list[str]:
         """Collect every notification sent so far."""

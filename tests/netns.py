@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,10 +13,25 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["Netns", "require_root"]
+__all__ = ["Netns", "hermetic", "require_root"]
 
 _counter = itertools.count()
 REPO = Path(__file__).resolve().parent.parent
+# This machine's own runtimes (its Podman and CNI configuration, say) must not become a test's inventory:
+# portguard runs in a private mount namespace in which their files are empty and no podman is installed.
+# Tests that want a runtime give it its files there (extra mount commands).
+_HIDE = ("/etc/cni/net.d", "/etc/containers", "/run/flannel", "/var/lib/rancher")
+_HERMETIC = (
+    f'for d in {" ".join(_HIDE)}; do [ -d "$d" ] && mount -t tmpfs tmpfs "$d"; done\n'
+    'p=$(command -v podman) && mount --bind /dev/null "$p"\n'
+    'eval "$PG_MOUNTS"\nexec "$@"'
+)
+
+
+def hermetic(argv: Sequence[str]) -> list[str]:
+    """``argv`` in a private mount namespace without this machine's runtime files (``PG_MOUNTS``, when set in the
+    environment, is run there first: a test's own runtime files)."""
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c", _HERMETIC, "hermetic", *argv]
 
 
 def require_root() -> None:
@@ -39,6 +55,10 @@ class Netns:
         if nsenter:
             return ["nsenter", f"--net={self.path}", *cmd]
         return ["ip", "netns", "exec", self.name, *cmd]
+
+    def portguard_argv(self, *args: str) -> list[str]:
+        """`python -m portguard ARGS` in this namespace, hermetic (see ``hermetic``)."""
+        return hermetic(self.argv([sys.executable, "-m", "portguard", *args]))
 
     def run(
         self,
@@ -65,7 +85,9 @@ class Netns:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("PORTGUARD_")}
         full_env["PORTGUARD_CONFIG"] = "/dev/null"  # hermetic: never the host's /etc/portguard/portguard.toml
         full_env.update(env or {})
-        return self.run([sys.executable, "-m", "portguard", *args], check=False, env=full_env, timeout=timeout)
+        proc = subprocess.run(self.portguard_argv(*args), capture_output=True, text=True, env=full_env,
+                              timeout=timeout, check=False)
+        return proc
 
     def popen(self, cmd: Sequence[str], *, nsenter: bool = False, **kw: object) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(self.argv(cmd, nsenter=nsenter), **kw)  # type: ignore[call-overload]
@@ -81,7 +103,14 @@ class Netns:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(timeout=10)
+        try:
+            inode = os.stat(self.path).st_ino
+        except OSError:
+            inode = None
         subprocess.run(["ip", "netns", "del", self.name], check=False)
+        if inode is not None:
+            # What a portguard run recorded for this namespace: a later namespace may get the same inode.
+            shutil.rmtree(f"/run/portguard/net-{inode}", ignore_errors=True)
 
     # ---- views of the tables, for assertions ----
 

@@ -56,6 +56,19 @@ def xtables_lock(wait: float = _LOCK_WAIT) -> Iterator[None]:
         os.close(fd)
 
 
+def _match_options(m: Any) -> list[str]:
+    """A libiptc match's options as ``iptables -S`` prints the ones decisions look at."""
+    if m.name == "comment":
+        return ["--comment", f'"{m.comment}"']
+    if m.name in ("tcp", "udp") and m.sport:
+        return ["--sport", m.sport]
+    if m.name == "addrtype" and m.src_type:
+        return ["--src-type", m.src_type]
+    if m.name == "mark" and m.mark:
+        return ["--mark", m.mark]
+    return []
+
+
 class IptablesLegacyBackend:
     name = "iptables-legacy"
     watch = Watch(nf_tables=None, poll_legacy=True)  # legacy xtables send no notifications: poll
@@ -133,23 +146,29 @@ class IptablesLegacyBackend:
             raise RetryableError(f"iptables-legacy: {exc}") from None
         return table
 
-    def _read(self, table: Any) -> tuple[list[tuple[xtables.XRule, Any]], list[xtables.XRule] | None]:
+    def _read(self, table: Any) -> tuple[list[tuple[xtables.XRule, Any]], list[xtables.XRule] | None,
+                                         list[xtables.XRule] | None]:
+        """POSTROUTING (with the libiptc objects, to delete by), and portguard's two chains (None: absent)."""
         iptc = self._iptc()
         postrouting = [(self._xrule("POSTROUTING", r), r) for r in iptc.Chain(table, "POSTROUTING").rules]
-        chain = None
-        if table.is_chain(xtables.CHAIN):
-            chain = [self._xrule(xtables.CHAIN, r) for r in iptc.Chain(table, xtables.CHAIN).rules]
-        return postrouting, chain
+        chains: list[list[xtables.XRule] | None] = []
+        for name in (xtables.CHAIN, xtables.LATE_CHAIN):
+            chains.append([self._xrule(name, r) for r in iptc.Chain(table, name).rules]
+                          if table.is_chain(name) else None)
+        return postrouting, chains[0], chains[1]
 
     @staticmethod
     def _xrule(chain: str, r: Any) -> xtables.XRule:
         """Reduce a libiptc rule to the fields decisions use, with the text ``iptables -S`` would print."""
         parts: list[str] = []
+        addresses: list[str | None] = []
         for flag, value in (("-s", r.src), ("-d", r.dst)):
             negated = bool(value) and value.startswith("!")
             net = ipaddress.ip_network(value.lstrip("!"), strict=False) if value else None
+            addresses.append(None)
             if net is not None and net.prefixlen:
                 parts += ["!", flag, net.with_prefixlen] if negated else [flag, net.with_prefixlen]
+                addresses[-1] = ("!" if negated else "") + net.with_prefixlen
         out_if = r.out_interface or None
         if out_if:
             parts += ["!", "-o", out_if[1:]] if out_if.startswith("!") else ["-o", out_if]
@@ -158,14 +177,8 @@ class IptablesLegacyBackend:
             parts += ["-p", proto]
         comment = None
         for m in r.matches:
-            parts += ["-m", m.name]
-            if m.name == "comment":
-                comment = m.comment
-                parts += ["--comment", f'"{comment}"']
-            elif m.name in ("tcp", "udp") and m.sport:
-                parts += ["--sport", m.sport]
-            elif m.name == "addrtype" and m.src_type:
-                parts += ["--src-type", m.src_type]
+            parts += ["-m", m.name, *_match_options(m)]
+            comment = m.comment if m.name == "comment" else comment
         target = r.target.name or None if r.target else None
         if target:
             parts += ["-j", target]
@@ -175,13 +188,13 @@ class IptablesLegacyBackend:
                     parts += [f"--{option}", params[option][0]]
             if "random-fully" in params:
                 parts.append("--random-fully")
-        return xtables.XRule(chain, " ".join(parts), comment, target, proto, out_if)
+        return xtables.XRule(chain, " ".join(parts), comment, target, proto, out_if, *addresses)
 
     def _assess(self, family: Family, rules: Sequence[Rule]) -> Observation:
         if not xtables.legacy_nat_registered(family):
             return xtables.assess(self.name, rules, [], None)[0]
-        postrouting, chain = self._read(self._table(family))
-        return xtables.assess(self.name, rules, [x for x, _ in postrouting], chain)[0]
+        postrouting, chain, late = self._read(self._table(family))
+        return xtables.assess(self.name, rules, [x for x, _ in postrouting], chain, late)[0]
 
     def observe(self, rules: Sequence[Rule]) -> Observation:
         grouped = xtables.by_family(rules)
@@ -194,13 +207,15 @@ class IptablesLegacyBackend:
 
     # ---- writing ----
 
-    def _build(self, family: Family, rule: Rule | None) -> Any:
-        """A libiptc rule for ``rule``, or for the jump when ``rule`` is None (same order as rule_spec)."""
+    def _jump(self, family: Family, *, late: bool) -> Any:
         r = self._rule(family)
-        if rule is None:
-            r.create_match("comment").comment = xtables.JUMP_MARK
-            r.create_target(xtables.CHAIN)
-            return r
+        r.create_match("comment").comment = xtables.LATE_JUMP_MARK if late else xtables.JUMP_MARK
+        r.create_target(xtables.LATE_CHAIN if late else xtables.CHAIN)
+        return r
+
+    def _build(self, family: Family, rule: Rule) -> Any:
+        """A libiptc rule for ``rule`` (same order as rule_spec)."""
+        r = self._rule(family)
         if rule.source:
             r.src = rule.source
         if rule.destination:
@@ -213,6 +228,8 @@ class IptablesLegacyBackend:
                 r.create_match(rule.protocol.value).sport = f"{rule.sport.low}:{rule.sport.high}"
         if rule.local_source:
             r.create_match("addrtype").src_type = "LOCAL"
+        if rule.fwmark:
+            r.create_match("mark").mark = f"{rule.fwmark[0]:#x}/{rule.fwmark[1]:#x}"
         r.create_match("comment").comment = rule.mark
         if rule.action is Action.RETURN:
             r.create_target("RETURN")
@@ -249,34 +266,41 @@ class IptablesLegacyBackend:
 
     def _stage(self, iptc: Any, family: Family, table: Any, rules: Sequence[Rule], remove: bool) -> int:
         """Make the in-memory changes on a fresh snapshot; returns how many objects change."""
-        postrouting, chain = self._read(table)
-        pr_chain = iptc.Chain(table, "POSTROUTING")
-        if remove:
-            victims = [obj for x, obj in postrouting if xtables.is_jump(x)]
-            for obj in victims:
-                pr_chain.delete_rule(obj)
-            if chain is not None:
-                table.flush_entries(xtables.CHAIN)
-                table.delete_chain(xtables.CHAIN)
-            return len(victims) + (chain is not None)
-        _, plan = xtables.assess(self.name, rules, [x for x, _ in postrouting], chain)
+        postrouting, chain, late = self._read(table)
+        listed = [x for x, _ in postrouting]
+        plan = xtables.removal_plan(listed, chain, late) if remove else xtables.assess(
+            self.name, rules, listed, chain, late)[1]
         if plan.empty:
             return 0
+        pr_chain = iptc.Chain(table, "POSTROUTING")
         if plan.rewrite_chain:
-            if chain is None:
-                table.create_chain(xtables.CHAIN)
-            else:
-                table.flush_entries(xtables.CHAIN)
-            own = iptc.Chain(table, xtables.CHAIN)
-            for rule in rules:
-                own.append_rule(self._build(family, rule))
+            self._refill(table, family, xtables.CHAIN, [r for r in rules if not r.late], exists=chain is not None)
+        if plan.rewrite_late_chain:
+            self._refill(table, family, xtables.LATE_CHAIN, [r for r in rules if r.late], exists=late is not None)
         doomed = set(plan.delete_postrouting)
         for x, obj in postrouting:
-            if xtables.is_jump(x) and x.spec in doomed:
+            if xtables.is_own_jump(x) and x.spec in doomed:
                 pr_chain.delete_rule(obj)
+        for drop, name in ((plan.drop_chain, xtables.CHAIN), (plan.drop_late_chain, xtables.LATE_CHAIN)):
+            if drop:
+                table.flush_entries(name)
+                table.delete_chain(name)
         if plan.insert_jump:
-            pr_chain.insert_rule(self._build(family, None))
-        return 1
+            pr_chain.insert_rule(self._jump(family, late=False))
+        if plan.append_late_jump:
+            pr_chain.append_rule(self._jump(family, late=True))
+        return len(plan.delete_postrouting) + plan.drop_chain + plan.drop_late_chain if remove else 1
+
+    def _refill(self, table: Any, family: Family, name: str, rules: Sequence[Rule], *, exists: bool) -> None:
+        """Create or flush one of portguard's chains and append its rules (in memory, committed by the caller)."""
+        iptc = self._iptc()
+        if exists:
+            table.flush_entries(name)
+        else:
+            table.create_chain(name)
+        own = iptc.Chain(table, name)
+        for rule in rules:
+            own.append_rule(self._build(family, rule))
 
     def ensure(self, rules: Sequence[Rule], seen: Observation | None = None) -> None:
         # libiptc works on a snapshot: plan again under the lock, whatever was seen before.

@@ -1,6 +1,6 @@
 """The iptables-nft backend: the xtables tables Docker writes on modern hosts.
 
-Reads only nat POSTROUTING and portguard's chain (``iptables-nft -S CHAIN``: the nft cache is
+Reads only nat POSTROUTING and portguard's two chains (``iptables-nft -S CHAIN``: the nft cache is
 filled for that chain alone, so the cost does not grow with the rest of the table), and
 writes in one ``iptables-nft-restore --noflush`` batch, which is a single nf_tables
 transaction.  The same class drives legacy binaries for tests of the text path.
@@ -91,7 +91,8 @@ class IptablesNftBackend:
     def _assess(self, family: Family, rules: Sequence[Rule]) -> tuple[Observation, xtables.Plan]:
         postrouting = self._list(family, xtables.POSTROUTING) or []
         chain = self._list(family, xtables.CHAIN)
-        return xtables.assess(self.name, rules, postrouting, chain)
+        late = self._list(family, xtables.LATE_CHAIN)
+        return xtables.assess(self.name, rules, postrouting, chain, late)
 
     def render(self, rules: Sequence[Rule]) -> str:
         out = []
@@ -117,19 +118,21 @@ class IptablesNftBackend:
                 plan = xtables.removal_plan(*leftovers)
                 stale = [f"{family.value} POSTROUTING: {spec}" for spec in plan.delete_postrouting]
                 stale += [f"{family.value} chain {xtables.CHAIN}"] if plan.drop_chain else []
+                stale += [f"{family.value} chain {xtables.LATE_CHAIN}"] if plan.drop_late_chain else []
                 parts.append(Observation(self.name, (), tuple(stale)))
             if not plan.empty:
                 plans[family] = plan
         return xtables.merge(self.name, parts, plans)
 
-    def _leftovers(self, family: Family) -> tuple[list[xtables.XRule], list[xtables.XRule] | None] | None:
+    def _leftovers(self, family: Family) -> tuple[list[xtables.XRule], list[xtables.XRule] | None,
+                                                  list[xtables.XRule] | None] | None:
         try:
             postrouting = self._list(family, xtables.POSTROUTING) or []
         except FatalError:
             return None  # e.g. IPv6 disabled in this kernel: nothing of ours can be there
         if not any(x.owned for x in postrouting):
             return None
-        return postrouting, self._list(family, xtables.CHAIN)
+        return postrouting, self._list(family, xtables.CHAIN), self._list(family, xtables.LATE_CHAIN)
 
     def ensure(self, rules: Sequence[Rule], seen: Observation | None = None) -> None:
         # Reusing the plan from the observation is safe: deletes name full rule texts, so if
@@ -164,11 +167,12 @@ class IptablesNftBackend:
             postrouting = self._list(family, xtables.POSTROUTING) or []
         except FatalError:
             return 0
-        plan = xtables.removal_plan(postrouting, self._list(family, xtables.CHAIN))
+        plan = xtables.removal_plan(postrouting, self._list(family, xtables.CHAIN),
+                                    self._list(family, xtables.LATE_CHAIN))
         if plan.empty:
             return 0
         self._restore(family, xtables.render_restore([], plan))
-        return len(plan.delete_postrouting) + plan.drop_chain
+        return len(plan.delete_postrouting) + plan.drop_chain + plan.drop_late_chain
 
     def remove(self) -> int:
         return sum(self._remove_family(f) for f in self._handled)

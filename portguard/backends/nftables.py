@@ -1,9 +1,12 @@
-"""The nftables backend: portguard's own tables, NAT base chains that run before srcnat.
+"""The nftables backend: portguard's own tables, two NAT base chains, one before and one after everyone else's.
 
 The kernel runs NAT hooks in priority order and stops at the first binding, so a chain at
 ``srcnat - 10`` (90) decides before every xtables nat table (iptables-nft and legacy both
 hook at 100) and before any nft chain at ``srcnat``: Docker's MASQUERADE cannot shadow it,
-and ``iptables -t nat -F`` or ``iptables-restore`` never touch it.
+and ``iptables -t nat -F`` or ``iptables-restore`` never touch it.  The late chain at
+``srcnat + 20`` (120) runs after all of them and after firewalld's (``srcnat + 10``), so it only
+sees connections nobody translated (measured: a chain after an iptables SNAT counted only the
+connections that SNAT did not match; nft 1.0.6, kernel 6.x).
 
 Two tables hold the same rules: ``inet portguard`` at priority 90 and the standby
 ``inet portguard_standby`` at 91.  Under ``portguard run`` the first is created with
@@ -39,6 +42,7 @@ from portguard.rules import Action, Family, Rule
 
 __all__ = [
     "CHAIN",
+    "LATE_CHAIN",
     "PRIMARY",
     "PRIORITY",
     "STANDBY",
@@ -51,7 +55,8 @@ __all__ = [
     "rule_expr",
 ]
 
-CHAIN = "postrouting"
+CHAIN = "postrouting"  # the early chain
+LATE_CHAIN = "postrouting_late"
 SRCNAT = 100
 _OUTPUT_JSON = 1 << 4  # NFT_CTX_OUTPUT_JSON in nftables/libnftables.h
 _INSTALL_HINT = "install the 'nftables' package (libnftables1)"
@@ -60,16 +65,29 @@ _INSTALL_HINT = "install the 'nftables' package (libnftables1)"
 @dataclass(frozen=True, slots=True)
 class Table:
     name: str
-    priority: int
+    priority: int  # of the early chain
+    late_priority: int
+
+    def chains(self) -> tuple[tuple[str, int], ...]:
+        return (CHAIN, self.priority), (LATE_CHAIN, self.late_priority)
 
 
-PRIMARY = Table("portguard", SRCNAT - 10)
-STANDBY = Table("portguard_standby", SRCNAT - 9)
+PRIMARY = Table("portguard", SRCNAT - 10, SRCNAT + 20)
+STANDBY = Table("portguard_standby", SRCNAT - 9, SRCNAT + 21)
 TABLE, PRIORITY = PRIMARY.name, PRIMARY.priority
+
+
+def _srcnat(priority: int) -> str:
+    """A priority as ``nft list`` prints it (nft 1.0.6-1.1.x: the symbolic name within 10 of it, else the number)."""
+    offset = priority - SRCNAT
+    return f"srcnat {'+' if offset >= 0 else '-'} {abs(offset)}" if abs(offset) <= 10 else str(priority)
+
+
 # The only text portguard ever sends that creates something: constants, no config value in them.
 _OWNED_TABLE = (
     f"add table inet {TABLE}\ndelete table inet {TABLE}\nadd table inet {TABLE} {{ flags owner; }}\n"
-    f"add chain inet {TABLE} {CHAIN} {{ type nat hook postrouting priority srcnat - 10; policy accept; }}\n"
+    + "".join(f"add chain inet {TABLE} {name} {{ type nat hook postrouting priority {_srcnat(prio)}; "
+              "policy accept; }\n" for name, prio in PRIMARY.chains())
 )
 
 
@@ -165,6 +183,8 @@ def rule_expr(rule: Rule) -> list[dict[str, Any]]:
             expr.append(_match({"payload": {"protocol": "th", "field": "sport"}}, sport))
     if rule.local_source:
         expr.append(_match({"fib": {"result": "type", "flags": ["saddr"]}}, "local"))
+    if rule.fwmark:
+        expr.append(_match({"&": [{"meta": {"key": "mark"}}, rule.fwmark[1]]}, rule.fwmark[0]))
     if rule.action is Action.RETURN:
         expr.append({"return": None})
         return expr
@@ -208,6 +228,8 @@ def rule_text(rule: Rule) -> str:
             parts.append(f"meta l4proto {rule.protocol.value}")
     if rule.local_source:
         parts.append("fib saddr type local")
+    if rule.fwmark:
+        parts.append(f"meta mark & {rule.fwmark[1]:#010x} == {rule.fwmark[0]:#010x}")
     parts.append("return" if rule.action is Action.RETURN else _nat_text(rule))
     parts.append(f'comment "{rule.mark}"')
     return " ".join(parts)
@@ -225,19 +247,22 @@ def _nat_text(rule: Rule) -> str:
     return "counter packets 0 bytes 0 " + text + (" fully-random" if rule.fully_random else "")
 
 
+def _chain_of(rule: Rule) -> str:
+    return LATE_CHAIN if rule.late else CHAIN
+
+
 def render_table(rules: Sequence[Rule], table: Table = PRIMARY, *, owner: bool = False) -> str:
-    body = "".join(f"\t\t{rule_text(r)}\n" for r in rules)
     flags = "\tflags owner\n\n" if owner else ""
-    return (
-        f"table inet {table.name} {{\n{flags}"
-        f"\tchain {CHAIN} {{\n"
-        f"\t\ttype nat hook postrouting priority srcnat - {SRCNAT - table.priority}; policy accept;\n"
-        f"{body}\t}}\n}}\n"
-    )
+    chains = []
+    for name, prio in table.chains():
+        body = "".join(f"\t\t{rule_text(r)}\n" for r in rules if _chain_of(r) == name)
+        chains.append(f"\tchain {name} {{\n\t\ttype nat hook postrouting priority {_srcnat(prio)}; policy accept;\n"
+                      f"{body}\t}}\n")
+    return f"table inet {table.name} {{\n{flags}" + "\n".join(chains) + "}\n"
 
 
 def _table_commands(rules: Sequence[Rule], table: Table, *, recreate: bool) -> list[dict[str, Any]]:
-    """Replace the table whole (recreate) or refill its chain; one transaction either way."""
+    """Replace the table whole (recreate) or refill its chains; one transaction either way."""
     ident = {"family": "inet", "table": table.name}
     cmds: list[dict[str, Any]] = []
     if recreate:
@@ -245,12 +270,13 @@ def _table_commands(rules: Sequence[Rule], table: Table, *, recreate: bool) -> l
             {"add": {"table": {"family": "inet", "name": table.name}}},
             {"delete": {"table": {"family": "inet", "name": table.name}}},
             {"add": {"table": {"family": "inet", "name": table.name}}},
-            {"add": {"chain": {**ident, "name": CHAIN, "type": "nat", "hook": "postrouting",
-                               "prio": table.priority, "policy": "accept"}}},
         ]
+        cmds += [{"add": {"chain": {**ident, "name": name, "type": "nat", "hook": "postrouting", "prio": prio,
+                                    "policy": "accept"}}} for name, prio in table.chains()]
     else:
-        cmds.append({"flush": {"chain": {**ident, "name": CHAIN}}})
-    cmds += [{"add": {"rule": {**ident, "chain": CHAIN, "expr": rule_expr(r), "comment": r.mark}}} for r in rules]
+        cmds += [{"flush": {"chain": {**ident, "name": name}}} for name, _ in table.chains()]
+    cmds += [{"add": {"rule": {**ident, "chain": _chain_of(r), "expr": rule_expr(r), "comment": r.mark}}}
+             for r in rules]
     return cmds
 
 
@@ -263,26 +289,27 @@ def _families_of(nft_family: str) -> set[Family]:
 
 @dataclass(frozen=True, slots=True)
 class TableView:
-    """One of portguard's tables as listed: None fields mean absent."""
+    """One of portguard's tables as listed: None means absent."""
 
-    comments: list[str | None] | None  # rule comments in chain order; None: no table
+    comments: dict[str, list[str | None]] | None  # rule comments in order, per chain; None: no table
     flags: frozenset[str] = frozenset()
     program: str = ""  # '# progname' of an owned table
 
 
-def _status(rule: Rule, own: TableView, table: Table, *, hook_ok: bool, in_order: bool,  # noqa: PLR0911  # the table
-            shadows: list[str]) -> RuleStatus:
-    count = (own.comments or []).count(rule.mark)
-    if own.comments is None or count == 0:
+def _status(rule: Rule, comments: list[str | None] | None, table: Table, *,  # noqa: PLR0911  # the decision table
+            flags: frozenset[str], hook_ok: bool, in_order: bool, shadows: list[str]) -> RuleStatus:
+    chain, prio = (LATE_CHAIN, table.late_priority) if rule.late else (CHAIN, table.priority)
+    count = (comments or []).count(rule.mark)
+    if comments is None or count == 0:
         return RuleStatus(rule, State.ABSENT, f"not in table inet {table.name}")
     if not hook_ok:
-        return RuleStatus(rule, State.ABSENT, f"chain {CHAIN} is not a nat hook at priority {table.priority}")
-    if "dormant" in own.flags:
+        return RuleStatus(rule, State.ABSENT, f"chain {chain} is not a nat hook at priority {prio}")
+    if "dormant" in flags:
         return RuleStatus(rule, State.DORMANT, f"table inet {table.name} has flags dormant")
     if count > 1:
         return RuleStatus(rule, State.DUPLICATED, f"{count} copies")
     if not in_order:
-        return RuleStatus(rule, State.MISORDERED, "chain is out of order")
+        return RuleStatus(rule, State.MISORDERED, f"chain {chain} is out of order")
     if shadows:
         # Another nat chain at a priority <= ours: not portguard's to touch; reported, never fought.
         return RuleStatus(rule, State.SHADOWED, f"runs after {shadows[0]}", fixable=False)
@@ -295,13 +322,10 @@ def assess(
     own: TableView,
     table: Table = PRIMARY,
 ) -> tuple[list[RuleStatus], list[str], list[str]]:
-    """Per-rule states, stale objects and shadowing chains for one of portguard's tables."""
-    mine = next(
-        (c for c in chains if c.get("family") == "inet" and c.get("table") == table.name and c.get("name") == CHAIN),
-        None,
-    )
-    shape = (mine.get("type"), mine.get("hook"), mine.get("prio"), mine.get("policy", "accept")) if mine else None
-    hook_ok = shape == ("nat", "postrouting", table.priority, "accept")
+    """Per-rule states, stale objects and shadowing chains for one of portguard's tables.
+
+    Only the early chain can be shadowed: the late chain is meant to run after everyone else.
+    """
     shadows: dict[Family, list[str]] = {f: [] for f in Family}
     for c in chains:
         if str(c.get("table", "")).startswith(PRIMARY.name) and c.get("family") == "inet":
@@ -311,17 +335,26 @@ def assess(
         if isinstance(c.get("prio"), int) and c["prio"] <= table.priority:
             for fam in _families_of(str(c.get("family"))):
                 shadows[fam].append(f"{c['family']} {c['table']} {c['name']} (priority {c['prio']})")
-    comments = own.comments or []
-    wanted = [r.mark for r in rules]
-    present = list(dict.fromkeys(c for c in comments if c in wanted))
-    in_order = present == [m for m in wanted if m in present]
-    statuses = [_status(rule, own, table, hook_ok=hook_ok, in_order=in_order, shadows=shadows[rule.family])
-                for rule in rules]
-    stale = [f"inet {table.name} {CHAIN}: {c or 'rule without mark'}" for c in comments if c not in wanted]
+    found: dict[Rule, RuleStatus] = {}
+    stale: list[str] = []
+    for name, prio in table.chains():
+        mine = next((c for c in chains if c.get("family") == "inet" and c.get("table") == table.name
+                     and c.get("name") == name), None)
+        shape = (mine.get("type"), mine.get("hook"), mine.get("prio"), mine.get("policy", "accept")) if mine else None
+        hook_ok = shape == ("nat", "postrouting", prio, "accept")
+        comments = None if own.comments is None else own.comments.get(name, [])
+        wanted_rules = [r for r in rules if _chain_of(r) == name]
+        wanted = [r.mark for r in wanted_rules]
+        present = list(dict.fromkeys(c for c in comments or [] if c in wanted))
+        in_order = present == [m for m in wanted if m in present]
+        for rule in wanted_rules:
+            found[rule] = _status(rule, comments, table, flags=own.flags, hook_ok=hook_ok, in_order=in_order,
+                                  shadows=[] if rule.late else shadows[rule.family])
+        stale += [f"inet {table.name} {name}: {c or 'rule without mark'}" for c in comments or [] if c not in wanted]
     if own.comments is not None and not rules:
         stale.append(f"table inet {table.name}")
-    shadowed_by = sorted({s for fam in {r.family for r in rules} for s in shadows[fam]})
-    return statuses, stale, shadowed_by
+    shadowed_by = sorted({s for fam in {r.family for r in rules if not r.late} for s in shadows[fam]})
+    return [found[r] for r in rules], stale, shadowed_by
 
 
 _FLAGS = re.compile(r"^\s*flags\s+([a-z, ]+)$", re.M)
@@ -398,15 +431,16 @@ class NftablesBackend:
         flags_line = _FLAGS.search(text.split("chain ", 1)[0])
         flags = frozenset(f.strip() for f in flags_line.group(1).split(",")) if flags_line else frozenset()
         prog = _PROGNAME.search(text)
-        has_chain = any(c.get("table") == table.name and c.get("family") == "inet" and c.get("name") == CHAIN
-                        for c in chains)
-        comments: list[str | None] = []
-        if has_chain:
+        comments: dict[str, list[str | None]] = {}
+        for name, _ in table.chains():
+            if not any(c.get("table") == table.name and c.get("family") == "inet" and c.get("name") == name
+                       for c in chains):
+                continue
             try:
-                listing = self._objects(f"list chain inet {table.name} {CHAIN}")
+                listing = self._objects(f"list chain inet {table.name} {name}")
             except RetryableError:
                 return TableView(None)  # deleted between 'list chains' and this read: absent now
-            comments = [o["rule"].get("comment") for o in listing if "rule" in o]
+            comments[name] = [o["rule"].get("comment") for o in listing if "rule" in o]
         return TableView(comments, flags, prog.group(1) if prog else "")
 
     def observe(self, rules: Sequence[Rule]) -> Observation:

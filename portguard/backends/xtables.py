@@ -3,13 +3,18 @@
 Layout in the nat table of each family:
 
     -A POSTROUTING -m comment --comment "portguard:<jump>" -j PORTGUARD     (position 1)
+    ... everyone else's rules ...
+    -A POSTROUTING -m comment --comment "portguard:<late>" -j PORTGUARD-LATE     (last)
     -A PORTGUARD -o lo -m comment --comment "portguard:<h>" -j RETURN       (exclusions)
-    -A PORTGUARD -p tcp -m tcp --sport 32768:61000 -m comment --comment "portguard:<h>" \\
-        -j MASQUERADE --to-ports 49152-61000
+    -A PORTGUARD -p tcp -m tcp --sport 32768:61000 -m addrtype --src-type LOCAL -m comment \\
+        --comment "portguard:<h>" -j SNAT --to-source :49152-61000
+    -A PORTGUARD-LATE ... -j SNAT --to-source :49152-61000      (what nobody before translated)
 
-A chain is needed because one iptables rule can carry only one ``-o``; the jump is the one
-object that must win the race for position 1 against Docker's ``-I POSTROUTING`` inserts.
-The chain ``PORTGUARD`` is owned by name; in POSTROUTING only the exact jump above is ours.
+Chains are needed because one iptables rule can carry only one ``-o``.  The early jump is the
+object that must win the race for position 1 against Docker's ``-I POSTROUTING`` inserts; the
+late jump must stay behind every rule that translates (a MASQUERADE ends the traversal of the
+table for its packets, so rules after it see only what it did not translate).  The chains are
+owned by name; in POSTROUTING only the exact jumps above are ours.
 """
 
 from __future__ import annotations
@@ -26,11 +31,14 @@ from portguard.rules import MARK_PREFIX, Action, Family, Rule, is_mark
 __all__ = [
     "CHAIN",
     "JUMP_MARK",
+    "LATE_CHAIN",
+    "LATE_JUMP_MARK",
     "Plan",
     "XRule",
     "assess",
     "decides_nat",
     "is_jump",
+    "is_own_jump",
     "jump_spec",
     "legacy_nat_registered",
     "legacy_table_registered",
@@ -41,8 +49,10 @@ __all__ = [
 ]
 
 CHAIN = "PORTGUARD"
+LATE_CHAIN = "PORTGUARD-LATE"
 POSTROUTING = "POSTROUTING"
 JUMP_MARK = MARK_PREFIX + hashlib.sha256(f"jump {CHAIN}".encode()).hexdigest()[:8]
+LATE_JUMP_MARK = MARK_PREFIX + hashlib.sha256(f"jump {LATE_CHAIN}".encode()).hexdigest()[:8]
 
 # Targets in nat POSTROUTING that never end the traversal nor set a NAT binding.
 _PASSIVE_TARGETS = frozenset({"LOG", "NFLOG", "ULOG", "TRACE", "MARK", "CONNMARK", "CT", "AUDIT"})
@@ -58,6 +68,8 @@ class XRule:
     target: str | None
     protocol: str | None  # "!tcp" when negated
     out_interface: str | None  # "!br-+" when negated
+    source: str | None = None  # "!10.0.0.0/8" when negated
+    destination: str | None = None
 
     @property
     def owned(self) -> bool:
@@ -87,6 +99,8 @@ def rule_spec(rule: Rule) -> str:
             parts += ["-m", rule.protocol.value, "--sport", _sport(rule)]
     if rule.local_source:
         parts += ["-m", "addrtype", "--src-type", "LOCAL"]
+    if rule.fwmark:
+        parts += ["-m", "mark", "--mark", f"{rule.fwmark[0]:#x}/{rule.fwmark[1]:#x}"]
     parts += ["-m", "comment", "--comment", f'"{rule.mark}"']
     if rule.action is Action.RETURN:
         parts += ["-j", "RETURN"]
@@ -106,13 +120,18 @@ def _sport(rule: Rule) -> str:
     return str(low) if low == high else f"{low}:{high}"
 
 
-def jump_spec() -> str:
-    return f'-m comment --comment "{JUMP_MARK}" -j {CHAIN}'
+def jump_spec(late: bool = False) -> str:
+    return f'-m comment --comment "{LATE_JUMP_MARK}" -j {LATE_CHAIN}' if late else \
+        f'-m comment --comment "{JUMP_MARK}" -j {CHAIN}'
 
 
-def is_jump(x: XRule) -> bool:
-    """Exactly portguard's jump, as listed (iptables -S, or the legacy backend's equivalent text)."""
-    return x.chain == POSTROUTING and x.comment == JUMP_MARK and x.target == CHAIN and x.spec == jump_spec()
+def is_jump(x: XRule, late: bool = False) -> bool:
+    """Exactly portguard's (early or late) jump, as listed (iptables -S, or the legacy backend's equivalent)."""
+    return x.chain == POSTROUTING and x.spec == jump_spec(late)
+
+
+def is_own_jump(x: XRule) -> bool:
+    return is_jump(x) or is_jump(x, late=True)
 
 
 def parse_rule(line: str) -> XRule | None:
@@ -125,7 +144,7 @@ def parse_rule(line: str) -> XRule | None:
         return None
     chain = tokens[1]
     spec = line.split(None, 2)[2] if len(tokens) > 2 else ""
-    comment = target = protocol = out_if = None
+    comment = target = protocol = out_if = source = destination = None
     negate = False
     i = 2
     while i < len(tokens):
@@ -143,9 +162,13 @@ def parse_rule(line: str) -> XRule | None:
             protocol = ("!" if negate else "") + nxt
         elif tok == "-o" and nxt is not None:
             out_if = ("!" if negate else "") + nxt
+        elif tok == "-s" and nxt is not None:
+            source = ("!" if negate else "") + nxt
+        elif tok == "-d" and nxt is not None:
+            destination = ("!" if negate else "") + nxt
         negate = False
         i += 2 if nxt is not None and tok.startswith("-") and not nxt.startswith("-") else 1
-    return XRule(chain, spec, comment, target, protocol, out_if)
+    return XRule(chain, spec, comment, target, protocol, out_if, source, destination)
 
 
 def _iface_matches(pattern: str, name: str) -> bool:
@@ -173,6 +196,12 @@ def decides_nat(x: XRule, rules: Sequence[Rule]) -> bool:
     return True
 
 
+def hairpin(x: XRule) -> bool:
+    """Docker's MASQUERADE for a container reaching itself through a published port (``-s C -d C``, appended by
+    ``docker run -p``): its packets leave through the container's bridge, never where the late chain translates."""
+    return x.source is not None and x.source == x.destination and not x.source.startswith("!")
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """What one atomic write must do for one family's nat table."""
@@ -181,10 +210,67 @@ class Plan:
     delete_postrouting: tuple[str, ...]  # specs of owned POSTROUTING rules to delete, as listed
     insert_jump: bool
     drop_chain: bool = False
+    rewrite_late_chain: bool = False
+    append_late_jump: bool = False
+    drop_late_chain: bool = False
 
     @property
     def empty(self) -> bool:
-        return not (self.rewrite_chain or self.delete_postrouting or self.insert_jump or self.drop_chain)
+        return not (self.rewrite_chain or self.delete_postrouting or self.insert_jump or self.drop_chain
+                    or self.rewrite_late_chain or self.append_late_jump or self.drop_late_chain)
+
+
+def _early_state(postrouting: Sequence[XRule], rules: Sequence[Rule]) -> tuple[State, str, list[str]]:
+    """The early jump must come before every foreign rule that can decide NAT for its packets."""
+    jumps = [i for i, x in enumerate(postrouting) if is_jump(x)]
+    shadows = [x.spec for x in postrouting[: jumps[0] if jumps else 0] if not is_own_jump(x) and decides_nat(x, rules)]
+    if not jumps:
+        return State.ABSENT, f"no jump to {CHAIN} in nat POSTROUTING", shadows
+    if shadows:
+        return State.SHADOWED, f"runs after: {shadows[0]}", shadows
+    if len(jumps) > 1:
+        return State.DUPLICATED, f"{len(jumps)} jumps to {CHAIN}", shadows
+    return State.HEALTHY, "", shadows
+
+
+def _late_state(postrouting: Sequence[XRule], rules: Sequence[Rule]) -> tuple[State, str]:
+    """The late jump must come after every foreign rule that translates: one behind it would lose to it."""
+    jumps = [i for i, x in enumerate(postrouting) if is_jump(x, late=True)]
+    if not jumps:
+        return State.ABSENT, f"no jump to {LATE_CHAIN} in nat POSTROUTING"
+    if len(jumps) > 1:
+        return State.DUPLICATED, f"{len(jumps)} jumps to {LATE_CHAIN}"
+    after = [x.spec for x in postrouting[jumps[0] + 1 :]
+             if not is_own_jump(x) and decides_nat(x, rules) and not hairpin(x)]
+    if after:
+        return State.MISORDERED, f"{LATE_CHAIN} is not behind: {after[0]}"
+    return State.HEALTHY, ""
+
+
+def _chain_statuses(rules: Sequence[Rule], chain: Sequence[XRule] | None, name: str,
+                    hook: tuple[State, str]) -> tuple[list[RuleStatus], list[str], bool]:
+    """States of one chain's rules, its stale entries, and whether it must be rewritten."""
+    entries = list(chain or ())
+    marks = [x.comment for x in entries if x.owned]
+    wanted = [r.mark for r in rules]
+    stale = [f"{name}: {x.spec}" for x in entries if x.comment not in wanted]
+    present_in_order = list(dict.fromkeys(m for m in marks if m in wanted))
+    statuses = []
+    for rule in rules:
+        count = marks.count(rule.mark)
+        if chain is None or count == 0:
+            state, detail = State.ABSENT, f"not in chain {name}" if chain is not None else f"no chain {name}"
+        elif count > 1:
+            state, detail = State.DUPLICATED, f"{count} copies in chain {name}"
+        elif hook[0] is not State.HEALTHY:
+            state, detail = hook
+        elif present_in_order != [m for m in wanted if m in present_in_order]:
+            state, detail = State.MISORDERED, f"chain {name} is out of order"
+        else:
+            state, detail = State.HEALTHY, ""
+        statuses.append(RuleStatus(rule, state, detail))
+    exact = chain is not None and [x.comment for x in entries] == wanted
+    return statuses, stale, not exact
 
 
 def assess(
@@ -192,87 +278,76 @@ def assess(
     rules: Sequence[Rule],
     postrouting: Sequence[XRule],
     chain: Sequence[XRule] | None,
+    late_chain: Sequence[XRule] | None = None,
 ) -> tuple[Observation, Plan]:
     """Compare one family's listing with its desired rules: the decision table, in one place."""
-    # In POSTROUTING (not portguard's chain) only the exact jump is portguard's: a foreign rule that merely
+    # In POSTROUTING (not portguard's chains) only the exact jumps are portguard's: a foreign rule that merely
     # carries a look-alike comment stays, whatever it is.
-    jumps = [i for i, x in enumerate(postrouting) if is_jump(x)]
-    stale_pr: list[XRule] = []
-    shadows = [x.spec for x in postrouting[: jumps[0] if jumps else 0] if not is_jump(x) and decides_nat(x, rules)]
-    if not jumps:
-        hook, hook_detail = State.ABSENT, "no jump to PORTGUARD in nat POSTROUTING"
-    elif shadows:
-        hook, hook_detail = State.SHADOWED, f"runs after: {shadows[0]}"
-    elif len(jumps) > 1:
-        hook, hook_detail = State.DUPLICATED, f"{len(jumps)} jumps to PORTGUARD"
-    else:
-        hook, hook_detail = State.HEALTHY, ""
-
-    entries = list(chain or ())
-    marks = [x.comment for x in entries if x.owned]
-    wanted = [r.mark for r in rules]
-    stale = [f"{x.chain}: {x.spec}" for x in stale_pr]
-    stale += [f"{CHAIN}: {x.spec}" for x in entries if x.comment not in wanted]
-
-    statuses: list[RuleStatus] = []
-    present_in_order = list(dict.fromkeys(m for m in marks if m in wanted))
-    for rule in rules:
-        count = marks.count(rule.mark)
-        if chain is None or count == 0:
-            state, detail = State.ABSENT, "not in chain PORTGUARD" if chain is not None else "no chain PORTGUARD"
-        elif count > 1:
-            state, detail = State.DUPLICATED, f"{count} copies in chain PORTGUARD"
-        elif hook is not State.HEALTHY:
-            state, detail = hook, hook_detail
-        elif present_in_order != [m for m in wanted if m in present_in_order]:
-            state, detail = State.MISORDERED, "chain PORTGUARD is out of order"
-        else:
-            state, detail = State.HEALTHY, ""
-        statuses.append(RuleStatus(rule, state, detail))
-
-    chain_exact = chain is not None and [x.comment for x in entries] == wanted
+    early_rules = [r for r in rules if not r.late]
+    late_rules = [r for r in rules if r.late]
+    early_hook, early_detail, shadows = _early_state(postrouting, early_rules)
+    late_hook, late_detail = _late_state(postrouting, late_rules)
+    early, stale, rewrite = _chain_statuses(early_rules, chain, CHAIN, (early_hook, early_detail))
+    late, late_stale, rewrite_late = _chain_statuses(late_rules, late_chain, LATE_CHAIN, (late_hook, late_detail))
+    found = {s.rule: s for s in (*early, *late)}
+    deletes = [x.spec for x in postrouting if is_jump(x)] if early_hook is not State.HEALTHY else []
+    if late_rules and late_hook is not State.HEALTHY:
+        deletes += [x.spec for x in postrouting if is_jump(x, late=True)]
+    if not late_rules:
+        # No late rules wanted (nothing configured to translate): what is there of the late chain is stale.
+        deletes += [x.spec for x in postrouting if is_jump(x, late=True)]
+        late_stale += [f"{x.chain}: {x.spec}" for x in postrouting if is_jump(x, late=True)]
     plan = Plan(
-        rewrite_chain=not chain_exact,
-        delete_postrouting=tuple([postrouting[i].spec for i in jumps] if hook is not State.HEALTHY else [])
-        + tuple(x.spec for x in stale_pr),
-        insert_jump=hook is not State.HEALTHY,
+        rewrite_chain=rewrite,
+        delete_postrouting=tuple(deletes),
+        insert_jump=early_hook is not State.HEALTHY,
+        rewrite_late_chain=bool(late_rules) and rewrite_late,
+        append_late_jump=bool(late_rules) and late_hook is not State.HEALTHY,
+        drop_late_chain=not late_rules and late_chain is not None,
     )
-    obs = Observation(backend, tuple(statuses), tuple(stale), tuple(shadows))
+    obs = Observation(backend, tuple(found[r] for r in rules), tuple(stale + late_stale), tuple(shadows))
     return obs, plan
 
 
 def render_restore(rules: Sequence[Rule], plan: Plan) -> str:
     """An ``iptables-restore --noflush`` batch carrying out ``plan``.
 
-    Declaring ``:PORTGUARD`` creates the chain or, under --noflush, flushes it (iptables-restore
-    flushes a declared user chain); deletes name the full listed rule, so a rule changed
-    since we read makes the whole batch fail instead of deleting something else.
+    Declaring a chain creates it or, under --noflush, flushes it (iptables-restore flushes a declared user
+    chain); deletes name the full listed rule, so a rule changed since we read makes the whole batch fail
+    instead of deleting something else.
     """
     lines = ["*nat"]
-    if plan.rewrite_chain:
-        lines.append(f":{CHAIN} - [0:0]")
-        lines.extend(f"-A {CHAIN} {rule_spec(r)}" for r in rules)
+    for rewrite, name, late in ((plan.rewrite_chain, CHAIN, False), (plan.rewrite_late_chain, LATE_CHAIN, True)):
+        if rewrite:
+            lines.append(f":{name} - [0:0]")
+            lines.extend(f"-A {name} {rule_spec(r)}" for r in rules if r.late is late)
     lines.extend(f"-D {POSTROUTING} {spec}" for spec in plan.delete_postrouting)
-    if plan.drop_chain:
-        lines += [f"-F {CHAIN}", f"-X {CHAIN}"]
+    for drop, name in ((plan.drop_chain, CHAIN), (plan.drop_late_chain, LATE_CHAIN)):
+        if drop:
+            lines += [f"-F {name}", f"-X {name}"]
     if plan.insert_jump:
         lines.append(f"-I {POSTROUTING} 1 {jump_spec()}")
+    if plan.append_late_jump:
+        lines.append(f"-A {POSTROUTING} {jump_spec(late=True)}")
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
 
-def removal_plan(postrouting: Sequence[XRule], chain: Sequence[XRule] | None) -> Plan:
+def removal_plan(postrouting: Sequence[XRule], chain: Sequence[XRule] | None,
+                 late_chain: Sequence[XRule] | None = None) -> Plan:
     """Everything portguard owns in one family's nat table, to be deleted."""
     return Plan(
         rewrite_chain=False,
-        delete_postrouting=tuple(x.spec for x in postrouting if is_jump(x)),
+        delete_postrouting=tuple(x.spec for x in postrouting if is_own_jump(x)),
         insert_jump=False,
         drop_chain=chain is not None,
+        drop_late_chain=late_chain is not None,
     )
 
 
 def full_plan() -> Plan:
-    return Plan(rewrite_chain=True, delete_postrouting=(), insert_jump=True)
+    return Plan(rewrite_chain=True, delete_postrouting=(), insert_jump=True, rewrite_late_chain=True,
+                append_late_jump=True)
 
 
 _TABLE_NAMES = {Family.IPV4: Path("/proc/net/ip_tables_names"), Family.IPV6: Path("/proc/net/ip6_tables_names")}

@@ -1,8 +1,12 @@
-"""Docker engine events and inventory (docker-py): every network or daemon event requests a full sync.
+"""Docker engine events and inventory (docker-py): the source of Docker's part of the inventory.
 
-The desired rules depend on Docker's networks, so on every (re)connect and every network event the
-watcher reads ``GET /networks`` *before* it requests the sync: the sync an event triggers already
-has the new network's rules.  While Docker is unreachable the last inventory stays in force.
+The desired rules depend on Docker's networks, so on every (re)connect and every network ``create`` or
+``destroy`` the watcher reads ``GET /networks`` *before* it requests the sync: the sync an event triggers
+already has the new network's rules.  While Docker is unreachable the last inventory stays in force.
+
+Container life is not followed: starting or stopping a container (network ``connect``/``disconnect``)
+changes no network and none of Docker's nat rules, so it costs portguard nothing (the engine filters the
+events before they are sent).  A rule Docker does write is seen by the kernel watcher anyway.
 
 dockerd sends no start or stop events.  When it stops, docker-py's ``events()`` generator just
 ends (no exception), so the end of the stream means "dockerd gone": reconnect with backoff
@@ -12,22 +16,26 @@ Docker keeps reprogramming its rules for a while after it first answers.
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from portguard.inventory import Part
 from portguard.logs import Logger
-from portguard.networks import DockerNetwork, parse_networks
+from portguard.runtimes.docker import parse_networks, skipped
 
-__all__ = ["DockerWatcher", "read_networks"]
+__all__ = ["DockerWatcher"]
 
 EVENT_FILTERS = {
     "type": ["network", "daemon"],
-    "event": ["create", "connect", "destroy", "disconnect", "reload"],
+    "event": ["create", "destroy", "reload"],
 }
 RECHECKS = (1.0, 2.0, 4.0)
+_SOCKET_POLL = 0.1  # while Docker is away: how often to look for its socket coming back
 _UNAVAILABLE_LOG_EVERY = 300.0  # after the first, "still unavailable" at most every 5 minutes
 
 
@@ -41,7 +49,7 @@ class DockerWatcher:
         docker_host: str = "",
         max_backoff: float = 30.0,
         on_connection: Callable[[bool], None] = lambda _up: None,
-        on_networks: Callable[[tuple[DockerNetwork, ...]], None] = lambda _nets: None,
+        on_part: Callable[[str, Part | None], None] = lambda _name, _part: None,
     ) -> None:
         self._request = request
         self._request_in = request_in
@@ -49,7 +57,8 @@ class DockerWatcher:
         self._docker_host = docker_host
         self._max_backoff = max_backoff
         self._on_connection = on_connection
-        self._on_networks = on_networks
+        self._on_part = on_part
+        self._skipped: list[str] = []
         self._stop = threading.Event()
         self._stream: Any = None
         self._lock = threading.Lock()
@@ -91,7 +100,8 @@ class DockerWatcher:
                 if failures == 1 or now - last_unavailable_log >= _UNAVAILABLE_LOG_EVERY:
                     self._log.warning("docker.unavailable", error=str(exc).splitlines()[0][:200], attempts=failures)
                     last_unavailable_log = now
-                self._stop.wait(min(self._max_backoff, 0.25 * 2 ** min(failures - 1, 10)) * (0.5 + random.random()))  # noqa: S311
+                backoff = min(self._max_backoff, 0.25 * 2 ** min(failures - 1, 10)) * (0.5 + random.random())  # noqa: S311
+                self._wait_for_engine(backoff)
                 continue
             self._log.info("docker.connected", after_attempts=failures)
             failures = 0
@@ -109,14 +119,43 @@ class DockerWatcher:
                     # A stream that breaks at once must not become a reconnect loop.
                     self._stop.wait(1.0)
 
+    def _socket(self) -> Path | None:
+        host = self._docker_host or os.environ.get("DOCKER_HOST", "") or "unix:///var/run/docker.sock"
+        return Path(host.removeprefix("unix://")) if host.startswith("unix://") else None
+
+    def _wait_for_engine(self, backoff: float) -> None:
+        """Wait out a backoff, but not beyond the moment dockerd creates its socket anew: until Docker's networks
+        are known, their traffic leaves with the ports Docker's own MASQUERADE gives it."""
+        path = self._socket()
+
+        def fingerprint() -> tuple[int, int] | None:
+            try:
+                st = path.stat() if path is not None else None
+            except OSError:
+                return None
+            return (st.st_ino, st.st_mtime_ns) if st is not None else None
+
+        before = fingerprint()
+        deadline = time.monotonic() + backoff
+        while not self._stop.wait(min(_SOCKET_POLL, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline or (path is not None and fingerprint() not in (before, None)):
+                return
+
     def _refresh(self, client: Any) -> None:
         """Read the networks; on failure keep the last inventory (nothing is removed because Docker is away)."""
         try:
-            networks = parse_networks(client.networks())
+            raw = client.networks()
+            networks = parse_networks(raw)
         except Exception as exc:  # noqa: BLE001  # any failure to read means "no news"
             self._log.warning("docker.inventory_failed", error=str(exc).splitlines()[0][:200] if str(exc) else "?")
             return
-        self._on_networks(networks)
+        left_out = skipped(raw)
+        if left_out != self._skipped:
+            self._skipped = left_out
+            if left_out:
+                self._log.warning("docker.networks_skipped", networks=left_out,
+                                  detail="bridge names no backend can represent identically: no rules of their own")
+        self._on_part("docker", Part(networks))
 
     def _follow(self, client: Any) -> None:
         try:
@@ -144,18 +183,3 @@ class DockerWatcher:
             client.close()
         except Exception:  # noqa: BLE001  # closing a half-dead client may raise anything
             self._log.debug("docker.close_failed", exc_info=True)
-
-
-def read_networks(docker_host: str = "", timeout: float = 2.0) -> tuple[DockerNetwork, ...] | None:
-    """Docker's bridge networks once (for one-shot commands); None when Docker cannot be asked."""
-    try:
-        import docker  # deferred: commands that never ask Docker don't pay for it
-
-        kwargs = {"base_url": docker_host} if docker_host else docker.utils.kwargs_from_env()
-        client = docker.APIClient(timeout=timeout, **kwargs)
-        try:
-            return parse_networks(client.networks())
-        finally:
-            client.close()
-    except Exception:  # noqa: BLE001  # unreachable, refused, not installed: unknown, never an error here
-        return None

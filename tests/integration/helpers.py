@@ -8,12 +8,13 @@ import re
 from netns import Netns
 
 BACKENDS = ["nftables", "iptables-nft", "iptables-legacy"]
-# The default config: per family lo, docker0, br-+ excluded, a host rule and a forwarded rule.
-NFT_RULES = 10  # both families in table inet portguard (and again in the standby)
-XT_V4_LINES = 6  # iptables-save of ip nat: the jump and five rules in PORTGUARD
+# The default config, per family: lo, docker0, br-+ excluded and the host rule in the early chain; the same
+# exclusions and the forwarded rule in the late chain.
+NFT_RULES = 16  # both families in table inet portguard's two chains (and again in the standby)
+XT_V4_LINES = 10  # iptables-save of ip nat: two jumps, four rules in PORTGUARD and four in PORTGUARD-LATE
 HOST_RULE = "ipv4/tcp/host"
 IPTABLES_BACKENDS = ["iptables-nft", "iptables-legacy"]
-JUMP = re.compile(r"-j PORTGUARD\b")
+JUMP = re.compile(r"-j PORTGUARD(?![-\w])")  # the early jump, not PORTGUARD-LATE
 
 
 def xt(backend: str) -> str:
@@ -27,9 +28,10 @@ def check(ns: Netns, backend: str, *extra: str) -> tuple[int, dict[str, object]]
     return proc.returncode, json.loads(proc.stdout)
 
 
-def states(report: dict[str, object], family: str = "") -> set[str]:
-    """States of the report's rules (of one family, e.g. "ipv4", when given)."""
-    return {r["state"] for r in report["rules"] if r["rule"].startswith(family)}  # type: ignore[index, union-attr]
+def states(report: dict[str, object], family: str = "", chain: str = "") -> set[str]:
+    """States of the report's rules (of one family, e.g. "ipv4", and one chain, "early" or "late", when given)."""
+    return {r["state"] for r in report["rules"]  # type: ignore[union-attr]
+            if r["rule"].startswith(family) and r["chain"].startswith(chain)}  # type: ignore[index]
 
 
 def apply(ns: Netns, backend: str, *extra: str, expect: int = 0) -> None:
@@ -41,7 +43,7 @@ def apply(ns: Netns, backend: str, *extra: str, expect: int = 0) -> None:
 def owned_lines(ns: Netns, backend: str, table: str = "portguard") -> list[str]:
     """Every object portguard owns, as text: nft rules of its table, or marked/PORTGUARD lines."""
     if backend == "nftables":
-        out = ns.nft("-j", "list", "chain", "inet", table, "postrouting", check=False)
+        out = ns.nft("-j", "list", "table", "inet", table, check=False)
         if not out.strip():
             return []
         doc = json.loads(out)["nftables"]
@@ -66,11 +68,12 @@ def delete_rule(ns: Netns, backend: str, *, check: bool = True, table: str = "po
 
 
 def open_gap(ns: Netns, backend: str) -> None:
-    """Take every translation away (both unowned nft tables, or the rules of the xtables chain)."""
+    """Take every translation away (both unowned nft tables, or the rules of both xtables chains)."""
     if backend == "nftables":
         ns.nft("delete table inet portguard; delete table inet portguard_standby")
     else:
         ns.run([xt(backend), "-t", "nat", "-F", "PORTGUARD"])
+        ns.run([xt(backend), "-t", "nat", "-F", "PORTGUARD-LATE"])
 
 
 DOCKER_RULE = ["-t", "nat", "-I", "POSTROUTING", "-s", "172.18.0.0/16", "!", "-o", "br-x", "-j", "MASQUERADE"]

@@ -107,7 +107,9 @@ def test_image_runs_as_documented_and_protects_containers(built: tuple[Netns, Do
     engine.docker("run", "-d", "--name", "portguard", *RUN_FLAGS, "--health-interval", "1s",
                   "-v", f"{sockdir}:/host-run:ro", "-e", "DOCKER_HOST=unix:///host-run/docker.sock",
                   "portguard:test")
-    assert wait_for(lambda: ns.portguard("check").returncode == 0, 30), engine.docker("logs", "portguard").stdout
+    docker = {"DOCKER_HOST": engine.host}  # check asks Docker for its networks, as the daemon in the container does
+    assert wait_for(lambda: ns.portguard("check", env=docker).returncode == 0, 30), engine.docker("logs",
+                                                                                                "portguard").stdout
 
     def events() -> list[dict[str, object]]:
         logs = engine.docker("logs", "portguard").stdout
@@ -129,7 +131,7 @@ def test_image_runs_as_documented_and_protects_containers(built: tuple[Netns, Do
     print(f"\nportguard:test image size: {size / 1e6:.0f} MB")
     engine.docker("stop", "-t", "5", "portguard")
     time.sleep(0.2)
-    assert ns.portguard("check").returncode == 0  # a stopped container leaves the rules in place
+    assert ns.portguard("check", env=docker).returncode == 0  # a stopped container leaves the rules in place
 
 
 def test_dockerfile_is_lint_clean() -> None:
@@ -144,7 +146,8 @@ def test_swarm_stack_file_deploys_and_protects(built: tuple[Netns, DockerEngine,
     runs portguard globally on the host network: it re-creates the removed rules and containers get through."""
     ns, engine, acl, _ = built
     engine.docker("rm", "-f", "portguard", check=False)
-    assert ns.portguard("remove").returncode == 0 and ns.portguard("check").returncode == 1
+    docker = {"DOCKER_HOST": engine.host}
+    assert ns.portguard("remove").returncode == 0 and ns.portguard("check", env=docker).returncode == 1
     engine.docker("swarm", "init", "--advertise-addr", "198.51.100.1", timeout=120)
     try:
         swarm_dir = REPO / "deploy" / "swarm"
@@ -152,13 +155,14 @@ def test_swarm_stack_file_deploys_and_protects(built: tuple[Netns, DockerEngine,
         # or delays the task on a host without one
         proc = subprocess.run(["docker", "stack", "deploy", "--resolve-image", "never", "-c", "portguard.yml", "pg"],
                               cwd=swarm_dir,
-                              env={**engine.env(), "PORTGUARD_IMAGE": "portguard:test"}, capture_output=True,
+                              env={**engine.env(), "PORTGUARD_IMAGE": "portguard:test",
+                                   "DOCKER_RUN_DIR": str(engine.sock.parent)}, capture_output=True,
                               text=True, timeout=120, check=False)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert wait_for(lambda: ns.portguard("check").returncode == 0, 90), (
+        assert wait_for(lambda: ns.portguard("check", env=docker).returncode == 0, 90), (
             engine.docker("service", "ps", "--no-trunc", "pg_portguard").stdout
             + engine.docker("service", "logs", "--tail", "40", "pg_portguard", check=False).stdout[-4000:]
-            + ns.portguard("check").stdout[-2000:])
+            + ns.portguard("check", env=docker).stdout[-2000:])
         mode = engine.docker("service", "inspect", "-f", "{{json .Spec.Mode}}", "pg_portguard").stdout
         assert "Global" in mode
         before = len(acl.ports)

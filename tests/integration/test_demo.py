@@ -32,7 +32,9 @@ def test_demo_shows_failure_shadowing_and_repair_with_a_real_dockerd() -> None:
     proc = subprocess.run([sys.executable, "-m", "portguard", "demo", "--json"], capture_output=True, text=True,
                           timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = json.loads(proc.stdout)
+    doc = json.loads(proc.stdout)
+    assert (doc["command"], doc["exit"], doc["docker"]) == ("demo", 0, {"used": True, "why_not": ""}), doc
+    rows = doc["scenes"]
     results = [(r["scene"].split(".")[0], r["result"]) for r in rows]
     assert results == [("1", "REJECTED"), ("2", "passes ACL"), ("3", "REJECTED"), ("4", "passes ACL"),
                        ("5", "passes ACL"), ("6", "passes ACL")], rows

@@ -58,13 +58,15 @@ class Env:
         return bystander_snapshot(self.ns, LEGACY)
 
     def one_copy(self, *, primary: bool = True) -> None:
-        """Exactly one copy of every rule (nftables: in the standby always, in the owned table while running)."""
+        """Exactly one copy of every rule (nftables: in the standby always, in the owned table while running): the
+        defaults plus one masquerade per Docker network and family Docker masquerades."""
+        networks = self.engine.docker("network", "ls", "-q", "--filter", "driver=bridge").stdout.split()
         lines = owned_lines(self.ns, self.backend)
-        expected = NFT_RULES if self.backend == "nftables" else XT_V4_LINES
+        expected = NFT_RULES + len(networks) if self.backend == "nftables" else XT_V4_LINES + len(networks)
         assert len(lines) == len(set(lines)) == (expected if primary else 0), lines
         if self.backend == "nftables":
             standby = owned_lines(self.ns, self.backend, table="portguard_standby")
-            assert len(standby) == len(set(standby)) == NFT_RULES, standby
+            assert len(standby) == len(set(standby)) == NFT_RULES + len(networks), standby
 
 
 @pytest.fixture(scope="module", params=["nftables", "iptables-nft"])

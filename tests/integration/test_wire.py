@@ -1,5 +1,5 @@
 """What leaves the host, as the far side sees it (address and port), through an ACL that rejects source ports
-below 49152: portguard moves the port and changes no address that Docker or the operator chose."""
+below 49152: portguard moves the port and changes no address that the host (a runtime, the operator) would not."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from helpers import BACKENDS, apply
 from netns import Netns
-from topology import ACL_LOW, NEAR_IP, NEAR_IP6, OPEN_PORT, SECONDARY_IP, SERVER_IP6, AclNetwork
+from topology import ACL_LOW, INNER_IP, INNER_NET, NEAR_IP, NEAR_IP6, OPEN_PORT, SECONDARY_IP, SERVER_IP6, AclNetwork
 
 pytestmark = pytest.mark.netns
 
@@ -45,14 +45,29 @@ def test_host_traffic_keeps_its_address_and_gets_a_high_port(ns: Netns, acl: Acl
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_forwarded_traffic_is_masqueraded_with_a_high_port(ns: Netns, acl: AclNetwork, backend: str) -> None:
-    """A connection from a namespace behind the host leaves with the host's egress address and a high port."""
+def test_routed_traffic_keeps_its_address_and_gets_a_high_port(ns: Netns, acl: AclNetwork, backend: str) -> None:
+    """A router: a connection from a LAN namespace behind the host, which nothing on the host translates, leaves
+    with its own address (the far side routes back to the LAN) and a port in the ACL's range."""
     assert acl.inner is not None
-    assert not acl.connect(via=acl.inner)  # control: forwarded without NAT, no route back and a low port
+    acl.far.run(["ip", "route", "add", INNER_NET, "via", NEAR_IP])
+    assert not acl.connect(via=acl.inner)  # control: routed untranslated, its low port is rejected
     _apply(ns, backend)
     assert acl.connect(via=acl.inner)
     addr, port = acl.peers[-1]
-    assert addr == NEAR_IP and port >= ACL_LOW, acl.peers
+    assert addr == INNER_IP and port >= ACL_LOW, acl.peers
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_traffic_another_rule_masquerades_keeps_that_translation(ns: Netns, acl: AclNetwork, backend: str) -> None:
+    """A masquerade portguard does not know (no route back to the LAN): the late chain never overrides it, so the
+    connection leaves masqueraded, as the host asked, with its original, rejected port; named as uncovered."""
+    assert acl.inner is not None
+    xt = "iptables-legacy" if backend == "iptables-legacy" else "iptables-nft"
+    ns.run([xt, "-t", "nat", "-A", "POSTROUTING", "-s", INNER_NET, "!", "-d", INNER_NET, "-j", "MASQUERADE"])
+    _apply(ns, backend)
+    assert acl.connect(port=OPEN_PORT, via=acl.inner)
+    addr, port = acl.open_peers[-1]
+    assert addr == NEAR_IP and port < ACL_LOW, acl.open_peers
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

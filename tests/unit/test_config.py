@@ -21,18 +21,21 @@ def _load(tmp_path: Path, text: str | None = None, env: dict[str, str] | None = 
 
 
 def test_defaults_translate_the_port_only(tmp_path: Path) -> None:
-    """With no configuration, per family: bridges and lo excluded, host TCP 32768-61000 gets a port-only SNAT to
-    49152-61000, forwarded TCP is masqueraded to the same ports; IPv4 and IPv6 both."""
+    """With no configuration, per family: in the early chain bridges and lo excluded and host TCP 32768-61000 gets a
+    port-only SNAT to 49152-61000; in the late chain the same exclusions and a port-only SNAT of what nobody else
+    translated; IPv4 and IPv6 both."""
     cfg = _load(tmp_path)
     assert cfg.source_ports == PortRange(32768, 61000) and cfg.to_ports == PortRange(49152, 61000)
     rules = desired_rules(cfg)
-    assert [(r.family, r.action) for r in rules] == [
-        (f, a) for f in (Family.IPV4, Family.IPV6) for a in [Action.RETURN] * 3 + [Action.SNAT, Action.MASQUERADE]
+    assert [(r.family, r.action, r.late) for r in rules] == [
+        (f, a, late) for f in (Family.IPV4, Family.IPV6) for late in (False, True)
+        for a in [Action.RETURN] * 3 + [Action.SNAT]
     ]
     assert [r.out_interface for r in rules[:3]] == ["lo", "docker0", "br-+"]
-    host, forwarded = rules[3], rules[4]
-    assert host.local_source and host.port_only and host.protocol is Protocol.TCP
-    assert not forwarded.local_source and forwarded.to_ports == PortRange(49152, 61000)
+    host, forwarded = rules[3], rules[7]
+    assert host.local_source and host.port_only and host.protocol is Protocol.TCP and not host.late
+    assert forwarded.late and forwarded.port_only and not forwarded.local_source
+    assert forwarded.to_ports == PortRange(49152, 61000) and forwarded.name == "ipv4/tcp/forwarded"
 
 
 def test_file_then_env_then_flags(tmp_path: Path) -> None:
@@ -117,26 +120,52 @@ def test_narrow_target_range_gives_the_ratio(tmp_path: Path) -> None:
     assert narrow_target_warning(_load(tmp_path, 'source_ports = "50000-50099"\n')) is None
 
 
-def test_desired_rules_follow_dockers_networks() -> None:
-    """Only networks that differ from a plain masquerade get rules: SNAT to host_ipv4, port-only when Docker does
-    not NAT; a custom bridge is excluded like docker0; a bridge name no backend can represent gets nothing."""
-    from portguard.networks import DockerNetwork
-    from portguard.rules import Action
+def test_desired_rules_follow_the_runtimes_inventory() -> None:
+    """Each network its runtime translates gets that translation with the port moved (masquerade, or SNAT to
+    host_ipv4), after its runtime's own exceptions; a network its runtime does not NAT gets no early rule (the late
+    chain moves its port); every runtime's bridge is excluded like docker0; kube-proxy's mark is masqueraded
+    before anything else decides."""
+    from portguard.inventory import Inventory, Network, Part
 
-    nets = (
-        DockerNetwork("bridge", "a" * 12, "docker0", ("172.17.0.0/16",), True),
-        DockerNetwork("snat", "b" * 12, "br-bbbbbbbbbbbb", ("10.76.0.0/24",), True, host_ipv4="198.51.100.32"),
-        DockerNetwork("plain", "c" * 12, "mybr0", ("10.77.0.0/24", "fd00:7::/64"), False),
-        DockerNetwork("weird", "d" * 12, 'x"y', ("10.78.0.0/24",), False),
-    )
-    rules = desired_rules(Config(), nets)
-    v4 = [r for r in rules if r.family is Family.IPV4]
-    assert [r.out_interface for r in v4 if r.action is Action.RETURN] == ["lo", "docker0", "br-+", "mybr0"]
-    snat = [r for r in v4 if r.source]
-    assert [(r.source, r.to_address, r.label) for r in snat] == [
-        ("10.76.0.0/24", "198.51.100.32", "net:snat"), ("10.77.0.0/24", None, "net:plain")]
-    assert [r.label for r in rules if r.source and r.family is Family.IPV6] == ["net:plain"]
-    assert not any(r.source == "10.78.0.0/24" for r in rules)
+    docker = Part((
+        Network("docker", "bridge", "docker0", ("172.17.0.0/16",), True),
+        Network("docker", "snat", "br-bbbbbbbbbbbb", ("10.76.0.0/24",), True, host_ipv4="198.51.100.32"),
+        Network("docker", "plain", "mybr0", ("10.77.0.0/24", "fd00:7::/64"), False),
+    ))
+    podman = Part((Network("podman", "podman", "podman0", ("10.88.0.0/16",), True,
+                           keep_destinations=("10.88.0.0/16", "224.0.0.0/4")),))
+    kube = Part(marks=((0x4000, 0x4000),))
+    rules = desired_rules(Config(), Inventory.of({"docker": docker, "podman": podman, "kube-proxy": kube}))
+    early = [r for r in rules if r.family is Family.IPV4 and not r.late]
+    assert [r.out_interface for r in early if r.out_interface] == ["lo", "docker0", "br-+", "mybr0", "podman0"]
+    translations = [(r.label, r.action, r.source, r.to_address, r.fwmark) for r in early
+                    if r.action is not Action.RETURN]
+    assert translations == [
+        ("kube-proxy", Action.MASQUERADE, None, None, (0x4000, 0x4000)),
+        ("host", Action.SNAT, None, None, None),
+        ("net:bridge", Action.MASQUERADE, "172.17.0.0/16", None, None),
+        ("net:snat", Action.SNAT, "10.76.0.0/24", "198.51.100.32", None),
+        ("podman:podman", Action.MASQUERADE, "10.88.0.0/16", None, None),
+    ]
+    keeps = [(r.source, r.destination) for r in early if r.action is Action.RETURN and r.source]
+    assert keeps == [("10.88.0.0/16", "10.88.0.0/16"), ("10.88.0.0/16", "224.0.0.0/4")]
+    assert early.index(next(r for r in early if r.source and r.action is Action.RETURN)) < early.index(
+        next(r for r in early if r.label == "podman:podman" and r.action is Action.MASQUERADE))
+    assert not any(r.source in {"10.77.0.0/24", "fd00:7::/64"} for r in rules)
+    assert [r.label for r in rules if r.late and r.action is Action.SNAT] == ["forwarded", "forwarded"]
+
+
+def test_operator_masquerade_and_a_discovered_network_alike_give_one_rule_each() -> None:
+    """[masquerade] sources equal to flannel's cluster CIDR: the same rules, kept once, in the first one's place."""
+    from portguard.inventory import Inventory, Network, Part
+
+    cfg = Config(masquerade_sources=("10.244.0.0/16",), masquerade_keep_destinations=("10.244.0.0/16",))
+    flannel = Network("flannel", "cluster", "", ("10.244.0.0/16",), True,
+                      keep_destinations=("10.244.0.0/16", "224.0.0.0/4"))
+    rules = desired_rules(cfg, Inventory.of({"cni": Part((flannel,))}), [Family.IPV4])
+    assert len(rules) == len(set(rules))
+    assert [(r.action, r.destination) for r in rules if r.source == "10.244.0.0/16"] == [
+        (Action.RETURN, "10.244.0.0/16"), (Action.RETURN, "224.0.0.0/4"), (Action.MASQUERADE, None)]
 
 
 def test_the_example_config_lists_every_key_with_its_default() -> None:

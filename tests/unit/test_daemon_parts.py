@@ -14,8 +14,8 @@ from portguard.effects import EffectWorker
 from portguard.errors import ConfigError
 from portguard.health import Health, StormMeter
 from portguard.metrics import Metrics
-from portguard.networks import parse_networks
 from portguard.reload import Reloader
+from portguard.runtimes.docker import parse_networks
 from portguard.supervisor import RestartPolicy, Supervisor
 
 LOG = structlog.get_logger("test")

@@ -114,8 +114,8 @@ def _nft_chain(prio: int = PRIORITY, **kw: Any) -> dict[str, Any]:
 
 def _nft(rules: list[Rule], chains: list[dict[str, Any]], comments: list[str] | None,
          flags: frozenset[str] = frozenset()) -> Any:
-    statuses, stale, shadowed_by = nft_assess(rules, chains, TableView(list(comments) if comments is not None else None,
-                                                                         flags))
+    view = TableView({"postrouting": list(comments)} if comments is not None else None, flags)
+    statuses, stale, shadowed_by = nft_assess(rules, chains, view)
     return Observation("nftables", tuple(statuses), tuple(stale), tuple(shadowed_by))
 
 

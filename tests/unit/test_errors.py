@@ -56,11 +56,12 @@ def test_exit_status_4_on_restore_is_retry_and_other_failures_are_fatal() -> Non
 
 def test_an_absent_chain_is_absent_only_when_the_listing_succeeded() -> None:
     """POSTROUTING listed fine and PORTGUARD missing: absent (and a full plan), with the exact commands used."""
-    backend = _Scripted({"PORTGUARD": (1, "", "iptables v1.8.9 (nf_tables): chain `PORTGUARD' in table `nat' is "
-                                              "incompatible, use 'nft' tool.")})
+    missing = "iptables v1.8.9 (nf_tables): chain `{}' in table `nat' is incompatible, use 'nft' tool."
+    backend = _Scripted({"PORTGUARD": (1, "", missing.format("PORTGUARD")),
+                         "PORTGUARD-LATE": (1, "", missing.format("PORTGUARD-LATE"))})
     obs: Any = backend.observe(RULES)
     assert {s.state.value for s in obs.statuses} == {"absent"}
-    assert [c[-1] for c in backend.calls] == ["POSTROUTING", "PORTGUARD", "POSTROUTING", "PORTGUARD"]
+    assert [c[-1] for c in backend.calls] == ["POSTROUTING", "PORTGUARD", "PORTGUARD-LATE"] * 2
 
 
 def test_a_kernel_refusal_is_unfixable_and_names_the_failing_line_not_the_banner() -> None:

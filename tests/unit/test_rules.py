@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from portguard.backends.nftables import render_table
 from portguard.backends.xtables import full_plan, render_restore, rule_spec
 from portguard.rules import Action, Family, PortRange, Protocol, Rule, is_mark
@@ -28,11 +30,15 @@ def test_iptables_rendering_matches_iptables_s_output() -> None:
     assert rule_spec(EXCL) == f'-o br-+ -m comment --comment "{EXCL.mark}" -j RETURN'
 
 
-def test_restore_batch_creates_chain_before_jumping_to_it() -> None:
-    """The full batch declares the chain, fills it, then inserts the jump at position 1."""
-    batch = render_restore([EXCL, MASQ], full_plan()).splitlines()
+def test_restore_batch_creates_chains_before_jumping_to_them() -> None:
+    """The full batch declares and fills both chains, then inserts the early jump at position 1 and appends the
+    late jump at the end of POSTROUTING."""
+    late = replace(MASQ, action=Action.SNAT, late=True)
+    batch = render_restore([EXCL, MASQ, late], full_plan()).splitlines()
     assert batch[0] == "*nat" and batch[1] == ":PORTGUARD - [0:0]" and batch[-1] == "COMMIT"
-    assert batch[-2].startswith("-I POSTROUTING 1 ") and batch[-2].endswith("-j PORTGUARD")
+    assert batch.index(":PORTGUARD-LATE - [0:0]") < batch.index(f"-A PORTGUARD-LATE {rule_spec(late)}")
+    assert batch[-3].startswith("-I POSTROUTING 1 ") and batch[-3].endswith("-j PORTGUARD")
+    assert batch[-2].startswith("-A POSTROUTING ") and batch[-2].endswith("-j PORTGUARD-LATE")
 
 
 def test_nft_rendering_uses_star_wildcard_and_srcnat_minus_10() -> None:

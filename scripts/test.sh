@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what it needs (Debian packages, the Python package in .venv),
-# then lint, types, unit and integration tests. Integration tests run only inside network
-# namespaces they create and remove.
+# then lint, types, unit and integration tests, the platform matrix included. Integration tests
+# run only inside network namespaces they create and remove. The matrix's Debian userlands are
+# made once and cached in /var/cache/portguard-test (PG_TEST_CACHE moves it).
 #   ./scripts/test.sh [pytest args]      (re-runs itself with sudo when not root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then exec sudo -E "$0" "$@"; fi
 
-packages=(iptables nftables conntrack docker.io busybox-static iproute2 util-linux systemd
-          python3 python3-venv debootstrap prometheus man-db)
+# systemd-container: systemd-nspawn boots the matrix's userlands; podman, netavark and containernetworking-plugins
+# are the other runtimes portguard knows (Debian 12's podman 4.3 with netavark 1.4, the CNI plugins 1.1).
+packages=(iptables nftables conntrack docker.io busybox-static iproute2 util-linux systemd systemd-container
+          python3 python3-venv debootstrap prometheus man-db podman netavark containernetworking-plugins)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -35,4 +38,7 @@ python=${PYTHON:-python3}
 echo "== ruff";  .venv/bin/ruff check portguard tests bench
 echo "== mypy";  .venv/bin/mypy
 echo "== pytest"
-exec .venv/bin/pytest "$@"
+# Files run in parallel, each whole on one worker (its module-wide dockerd or userland made once; the platform
+# matrix has a file per userland); most of the suite waits on the kernel, dockerd and the registry, not on the
+# two cores.
+exec .venv/bin/pytest -n "${PG_TEST_WORKERS:-4}" --dist loadfile "$@"

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,3 +42,61 @@ def ns() -> Iterator[Netns]:
         yield space
     finally:
         space.close()
+
+
+# ---- the platform matrix writes the README's "Tested platforms" table (tests/platform_cases.py) ----
+
+_BEGIN, _END = "<!-- tested-platforms:begin -->", "<!-- tested-platforms:end -->"
+_outcomes: dict[tuple[str, str], list[str]] = {}  # (module, suite) -> outcomes of its tests
+
+
+def _controller(config: pytest.Config) -> bool:
+    return not hasattr(config, "workerinput")  # pytest-xdist workers have it; the controller sees every report
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if _controller(session.config):
+        from userland import PLATFORM_ROWS
+
+        for row in PLATFORM_ROWS.glob("*.json"):
+            row.unlink(missing_ok=True)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Outcomes of test_platform_<suite>.py and test_platform_systemd_<suite>.py, by kind and suite."""
+    module = report.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+    if module.startswith("test_platform_") and (report.when == "call" or report.failed):
+        kind, _, suite = module.removeprefix("test_").rpartition("_")
+        _outcomes.setdefault((kind, suite), []).append(report.outcome)
+
+
+def _result(module: str, suite: str) -> str:
+    outcomes = _outcomes.get((module, suite), [])
+    if not outcomes:
+        return "not run"
+    failed = outcomes.count("failed")
+    return f"{len(outcomes) - failed} passed" + (f", {failed} failed" if failed else "")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Rewrite the table between the README's markers from this run's rows (only when the matrix ran)."""
+    if not _controller(session.config):
+        return
+    from userland import PLATFORM_ROWS, SUITES
+
+    rows = {p.stem: json.loads(p.read_text()) for p in PLATFORM_ROWS.glob("*.json")}
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    text = readme.read_text()
+    if not rows or _BEGIN not in text:
+        return
+    lines = ["| Debian | Docker | Python | nft | iptables | platform tests | the unit under its systemd |",
+             "|---|---|---|---|---|---|---|"]
+    for name, suite in SUITES.items():
+        v = rows.get(name, {})
+        unit = _result("platform_systemd", name) if suite.systemd_boots else \
+            "not run here: its systemd refuses this machine's hybrid cgroups"
+        lines.append(f"| {name} | {v.get('docker', '?')} | {v.get('python', '?')} | {v.get('nft', '?')} | "
+                     f"{v.get('iptables', '?')} | {_result('platform', name)} | {unit} |")
+    head, _, rest = text.partition(_BEGIN)
+    _, _, tail = rest.partition(_END)
+    readme.write_text(f"{head}{_BEGIN}\n" + "\n".join(lines) + f"\n{_END}{tail}")

@@ -119,21 +119,22 @@ def parse_save(text: str, where: str, family: Family) -> list[ForeignNat]:
     """Source-translating rules of an ``iptables-save -t nat`` listing, portguard's own left out.
 
     A rule in a chain that is only entered for one source (``-A POSTROUTING -s 10.88.0.0/16 -j NETAVARK-1``,
-    CNI's per-container chains) is limited to that source.  Rules that depend on a firewall mark are runtimes'
-    own bookkeeping (kube-proxy's is known by its mark; netavark's 0x2000 concerns its published ports) and
-    are left out.
+    CNI's per-container chains) is limited to that source.  A chain that returns whatever is not marked
+    (kube-proxy's ``-m mark ! --mark 0x4000/0x4000 -j RETURN``) masquerades by mark: known by the mark, not
+    by source, and left out here.
     """
-    raw = [line for line in text.splitlines() if line.startswith("-A ")]
-    lines = [w for w in map(_words, raw) if len(w) > 1]
+    parsed = [(line, _words(line)) for line in text.splitlines() if line.startswith("-A ")]
+    parsed = [(line, words) for line, words in parsed if len(words) > 1]
+    lines = [words for _, words in parsed]
     entered: dict[str, set[str | None]] = {}
-    by_mark = {w[1] for w in lines if "--mark" in w}  # chains that decide by a firewall mark (kube-proxy's)
+    by_mark = {w[1] for w in lines if _option(w, "-j") == "RETURN" and "--mark" in w
+               and w[w.index("--mark") - 1] == "!"}
     for words in lines:
         target = _option(words, "-j", "--jump", "-g", "--goto")
         if target is not None:
             entered.setdefault(target, set()).add(_cidr(_option(words, "-s", "--source")))
     out = []
-    for words in lines:
-        line = shlex.join(words)
+    for line, words in parsed:
         if _option(words, "-j", "--jump") not in ("MASQUERADE", "SNAT") or "portguard:" in line or words[1] in by_mark:
             continue
         source = _cidr(_option(words, "-s", "--source"))
@@ -162,8 +163,17 @@ def _saddr(expr: list[Any]) -> str | None:
     return None
 
 
-def _uses_mark(expr: list[Any]) -> bool:
-    return "'mark'" in repr([e.get("match") for e in expr if isinstance(e, dict) and "match" in e])
+def _gates_by_mark(expr: list[Any]) -> bool:
+    """``meta mark & M != M return`` (iptables-nft's kube-proxy rule) or ``meta mark & M == 0 return`` (kube-proxy's
+    nftables proxier): everything after it in the chain is for marked packets only."""
+    if not any(isinstance(e, dict) and "return" in e for e in expr):
+        return False
+    for e in expr:
+        match: dict[str, Any] = (e.get("match") if isinstance(e, dict) else None) or {}
+        left = match.get("left")
+        if isinstance(left, dict) and isinstance(left.get("&"), list) and left["&"][:1] == [{"meta": {"key": "mark"}}]:
+            return bool(match.get("op") == "!=" or match.get("right") == 0)
+    return False
 
 
 def _nft_foreign(family: Family) -> list[ForeignNat]:
@@ -182,7 +192,7 @@ def _nft_foreign(family: Family) -> list[ForeignNat]:
                 verdict = (e.get("jump") or e.get("goto")) if isinstance(e, dict) else None
                 if isinstance(verdict, dict) and "target" in verdict:
                     entered.setdefault(verdict["target"], set()).add(_saddr(rule["expr"]))
-        by_mark = {str(r.get("chain")) for r in rules if _uses_mark(r.get("expr", []))}
+        by_mark = {str(r.get("chain")) for r in rules if _gates_by_mark(r.get("expr", []))}
         for rule in rules:
             expr = rule.get("expr", [])
             translating = any(isinstance(e, dict) and ("masquerade" in e or "snat" in e) for e in expr)

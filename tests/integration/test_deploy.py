@@ -33,7 +33,8 @@ def test_stack_file_runs_global_on_the_host_network_with_two_capabilities() -> N
     assert svc["deploy"]["mode"] == "global"
     assert doc["networks"][svc["networks"][0]] == {"external": True, "name": "host"}
     assert svc["cap_drop"] == ["ALL"] and sorted(svc["cap_add"]) == ["NET_ADMIN", "NET_RAW"]
-    assert svc["volumes"] == [{"type": "bind", "source": "/var/run", "target": "/host-run", "read_only": True}]
+    assert svc["volumes"] == [{"type": "bind", "source": "${DOCKER_RUN_DIR:-/var/run}", "target": "/host-run",
+                               "read_only": True}]
     assert svc["environment"]["DOCKER_HOST"] == "unix:///host-run/docker.sock"
     assert svc["configs"][0]["target"] == "/etc/portguard/portguard.toml"
     assert (DEPLOY / "swarm" / doc["configs"]["portguard_toml"]["file"]).exists()

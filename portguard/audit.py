@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from portguard.conntrack import Flow, is_untranslated, iter_flows
+from portguard.conntrack import Flow, ReadStats, is_untranslated, iter_flows
 from portguard.rules import Family, PortRange, Protocol
 
 __all__ = ["Route", "audit", "audit_stream", "in_scope", "read_routes", "unprotected"]
@@ -79,13 +79,13 @@ def read_routes() -> list[Route]:
 
 def audit_stream(families: Sequence[Family], protocols: Sequence[Protocol], *, source: PortRange,
                  target: PortRange, interfaces: Sequence[str], excluded: Sequence[str],
-                 sample: int = 3) -> tuple[int, list[Flow]]:
+                 sample: int = 3, stats: ReadStats | None = None) -> tuple[int, list[Flow]]:
     """Count the unprotected flows while conntrack is read (memory stays flat); keep the first few as a sample."""
     routes = read_routes()
     count, first = 0, list[Flow]()
     keep = lambda f: is_untranslated(f, source, target) and in_scope(egress_dev(routes, f.dst),  # noqa: E731
                                                                      interfaces, excluded)
-    for flow in iter_flows(families, protocols, keep=keep):
+    for flow in iter_flows(families, protocols, keep=keep, stats=stats):
         count += 1
         if len(first) < sample:
             first.append(flow)

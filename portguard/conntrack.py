@@ -1,4 +1,4 @@
-"""Conntrack: streamed reads and batched deletes, bounded in memory and time whatever the table holds.
+"""Conntrack: streamed reads and exact deletes, bounded in memory and time whatever the table holds.
 
 Healing: NAT is decided on a connection's first packet.  A SYN sent while portguard's rule was absent
 or shadowed gets a conntrack entry with its untranslated port; retransmissions reuse that entry, so
@@ -7,30 +7,38 @@ those entries (still unreplied, original source port in the matched range, reply
 the port untranslated and outside the target range) lets the next retransmission create a new,
 translated entry.  Established flows are never touched.
 
-Costs (conntrack-tools 1.4.7): ``conntrack -L`` prints about 160 bytes per entry (16 MB for 100,000
-entries), so its output is parsed line by line as it arrives and only matching flows are kept; every
-call is killed after a deadline; N deletions go to one ``conntrack -R -`` process (commands on stdin)
-instead of N ``conntrack -D`` processes.
+How: through ctnetlink (ctnetlink.py): one dump streamed and parsed as it arrives, and each stuck entry
+deleted by its exact tuple and id, in batches, while the dump goes on: linear in the table, flat in
+memory.  Where ctnetlink is refused, conntrack-tools is the fallback: ``conntrack -L`` parsed line by
+line (about 160 bytes per entry) and one ``conntrack -R -`` for the deletes (conntrack-tools 1.4.7 walks
+the whole table for each ``-D`` line: 20,000 of them did not finish in 50 s).  Every call has a deadline.
 """
 
 from __future__ import annotations
 
+import errno
 import re
 import shutil
+import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
+from portguard import ctnetlink
 from portguard.errors import RetryableError
 from portguard.rules import Family, PortRange, Protocol
 
-__all__ = ["ConntrackError", "Flow", "delete_flows", "heal", "iter_flows", "list_flows", "parse_flow",
+__all__ = ["ConntrackError", "Flow", "ReadStats", "delete_flows", "heal", "iter_flows", "list_flows", "parse_flow",
            "parse_flows", "untranslated"]
 
 _STATE = re.compile(r"[A-Z][A-Z_]+[A-Z]")  # SYN_SENT, ESTABLISHED, ... (flags are bracketed)
 TIMEOUT = 50.0  # a million entries stream in about 20 s; the child running this has 60 s
-MAX_HEAL = 20_000  # entries deleted per pass; the next repair (or audit) takes the rest
+MAX_HEAL_CLI = 20_000  # entries deleted per pass through conntrack-tools; the next repair (or audit) takes the rest
+# ctnetlink cannot be used at all here (not "it failed this time"): fall back to conntrack-tools.
+_REFUSED = (errno.EPERM, errno.EACCES, errno.EPROTONOSUPPORT, errno.EAFNOSUPPORT, errno.ENOENT)
+_FAMILIES: dict[int, Family] = {socket.AF_INET: Family.IPV4, socket.AF_INET6: Family.IPV6}
 
 
 class ConntrackError(RetryableError):
@@ -47,10 +55,21 @@ class Flow:
     sport: int
     dport: int
     reply_dport: int  # the source port the remote side sees
+    family: Family = Family.IPV4
+    entry: ctnetlink.Entry | None = field(default=None, compare=False, repr=False)  # when read through ctnetlink
 
     def delete_args(self) -> list[str]:
         return ["-p", self.protocol, "-s", self.src, "-d", self.dst, "--sport", str(self.sport),
                 "--dport", str(self.dport)]
+
+
+@dataclass
+class ReadStats:
+    """How a read went: which interface, how many entries, how many messages were malformed and skipped."""
+
+    via: str = ""
+    entries: int = 0
+    malformed: int = 0
 
 
 def parse_flow(line: str) -> Flow | None:
@@ -112,21 +131,47 @@ def _argv(tool: str, family: Family, proto: Protocol, state: str | None) -> list
     return argv
 
 
+def _flow(e: ctnetlink.Entry) -> Flow | None:
+    family = _FAMILIES.get(e.family)
+    if family is None:
+        return None
+    return Flow(e.protocol, e.state, e.unreplied, e.src, e.dst, e.sport, e.dport, e.reply_dport, family, e)
+
+
 def iter_flows(families: Sequence[Family], protocols: Sequence[Protocol], *, state: str | None = None,
-               keep: Callable[[Flow], bool] = lambda _f: True, timeout: float = TIMEOUT) -> Iterator[Flow]:
+               keep: Callable[[Flow], bool] = lambda _f: True, timeout: float = TIMEOUT,
+               stats: ReadStats | None = None) -> Iterator[Flow]:
     """Stream conntrack entries, yielding those ``keep`` accepts; memory stays flat whatever the table size.
 
-    Raises ConntrackError when conntrack fails or does not finish in ``timeout`` seconds (it is killed).
+    ctnetlink first; conntrack-tools where ctnetlink is refused.  Raises ConntrackError when the read fails or
+    does not finish in ``timeout`` seconds.
     """
+    stats = stats if stats is not None else ReadStats()
+    wanted_families, wanted_protocols = set(families), {p.value for p in protocols}
+    dumped = ctnetlink.DumpStats()
+    try:
+        stats.via = "ctnetlink"
+        for entry in ctnetlink.dump(dumped, deadline=time.monotonic() + timeout):
+            flow = _flow(entry)
+            if (flow is not None and flow.family in wanted_families and flow.protocol in wanted_protocols
+                    and (state is None or flow.protocol != "tcp" or flow.state == state) and keep(flow)):
+                yield flow
+        return
+    except ctnetlink.CtnetlinkError as exc:
+        if dumped.entries or exc.errno not in _REFUSED:
+            raise ConntrackError(str(exc)) from None
+    finally:
+        stats.entries, stats.malformed = dumped.entries, dumped.malformed
+    stats.via = "conntrack"
     tool = _tool()
     if tool is None:
         return
     for family in families:
         for proto in protocols:
-            yield from _stream(_argv(tool, family, proto, state), keep, timeout)
+            yield from _stream(_argv(tool, family, proto, state), family, keep, timeout)
 
 
-def _stream(argv: list[str], keep: Callable[[Flow], bool], timeout: float) -> Iterator[Flow]:
+def _stream(argv: list[str], family: Family, keep: Callable[[Flow], bool], timeout: float) -> Iterator[Flow]:
     try:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1 << 16)
     except OSError as exc:
@@ -143,7 +188,7 @@ def _stream(argv: list[str], keep: Callable[[Flow], bool], timeout: float) -> It
     try:
         for line in proc.stdout or ():
             flow = parse_flow(line)
-            if flow is not None and keep(flow):
+            if flow is not None and keep(flow := replace(flow, family=family)):
                 yield flow
     finally:
         timer.cancel()
@@ -161,12 +206,12 @@ def list_flows(families: Sequence[Family], protocols: Sequence[Protocol], *, sta
     return list(iter_flows(families, protocols, state=state))
 
 
-def delete_flows(flows: Sequence[tuple[Family, Flow]], *, timeout: float = TIMEOUT) -> int:
-    """Delete entries with one ``conntrack -R -`` process; returns how many were asked for when it succeeded."""
+def delete_flows(flows: Sequence[Flow], *, timeout: float = TIMEOUT) -> int:
+    """Delete entries with one ``conntrack -R -`` process (the fallback); how many were asked for when it succeeded."""
     tool = _tool()
     if tool is None or not flows:
         return 0
-    commands = "".join(f"-D -f {family.value} {' '.join(flow.delete_args())}\n" for family, flow in flows)
+    commands = "".join(f"-D -f {flow.family.value} {' '.join(flow.delete_args())}\n" for flow in flows)
     try:
         proc = subprocess.run([tool, "-R", "-"], input=commands, capture_output=True, text=True, timeout=timeout,
                               check=False)
@@ -179,13 +224,34 @@ def delete_flows(flows: Sequence[tuple[Family, Flow]], *, timeout: float = TIMEO
     return max(0, len(flows) - failed)
 
 
-def heal(families: Sequence[Family], protocols: Sequence[Protocol], source: PortRange, target: PortRange) -> int:
-    """Delete the untranslated, unreplied entries (at most MAX_HEAL per call); returns how many went."""
-    stuck: list[tuple[Family, Flow]] = []
-    for family in families:
-        for flow in iter_flows([family], protocols, state="SYN_SENT",
-                               keep=lambda f: bool(untranslated([f], source, target))):
-            stuck.append((family, flow))
-            if len(stuck) >= MAX_HEAL:
-                break
-    return delete_flows(stuck)
+def stuck(f: Flow, source: PortRange, target: PortRange) -> bool:
+    """Caught in a gap: unreplied, source port matched but left untranslated outside the target range."""
+    return bool(untranslated([f], source, target))
+
+
+def heal(families: Sequence[Family], protocols: Sequence[Protocol], source: PortRange, target: PortRange,
+         stats: ReadStats | None = None) -> int:
+    """Delete the untranslated, unreplied entries; returns how many went.
+
+    Through ctnetlink each one is deleted as the dump finds it (exact tuple and id, batched); through
+    conntrack-tools at most MAX_HEAL_CLI per call."""
+    stats = stats if stats is not None else ReadStats()
+    deleter: ctnetlink.Deleter | None = None
+    fallback: list[Flow] = []
+    try:
+        for flow in iter_flows(families, protocols, state="SYN_SENT", keep=lambda f: stuck(f, source, target),
+                               stats=stats):
+            if flow.entry is not None:
+                deleter = deleter or ctnetlink.Deleter()
+                deleter.add(flow.entry)
+            elif len(fallback) < MAX_HEAL_CLI:
+                fallback.append(flow)
+        if deleter is not None:
+            deleter.flush()
+            return deleter.deleted
+    except ctnetlink.CtnetlinkError as exc:
+        raise ConntrackError(str(exc)) from None
+    finally:
+        if deleter is not None:
+            deleter.close()
+    return delete_flows(fallback)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import queue
 import signal
 import threading
 import time
@@ -300,22 +301,29 @@ class Daemon:
         self._log.info("daemon.started", version=__version__, backend=self.reconciler.backend.name,
                        rules=len(self.reconciler.rules), config=self.cfg.source)
         self._start_workers()
+        # Handlers, not sigtimedwait: CPython 3.11's sigtimedwait handed back a siginfo it never filled after
+        # SIGSTOP/SIGCONT, which once read as SIGHUP (a reload nobody asked for).  SimpleQueue.put is reentrant.
+        received: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for sig in _SIGNALS:
+            signal.signal(sig, lambda signo, _frame: received.put(signo))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)  # this thread alone takes them
         exit_code = 0
         try:
             while True:
-                info = signal.sigtimedwait(_SIGNALS, 0.25)
+                try:
+                    signo: int | None = received.get(timeout=0.25)
+                except queue.Empty:
+                    signo = None
                 if self._fatal is not None or self.supervisor.failed.is_set():
                     exit_code = 2
                     break
-                # CPython may hand back a struct it never filled when the wait is interrupted
-                # (seen after SIGSTOP/SIGCONT); only a signal we asked for counts.
-                if info is None or info.si_signo not in _SIGNALS:
+                if signo is None:
                     continue
-                if info.si_signo == signal.SIGHUP:
+                if signo == signal.SIGHUP:
                     self._log.info("daemon.reload_requested")
                     self._reloader.reload(self.cfg)
                     continue
-                self._log.info("daemon.stopping", signal=signal.Signals(info.si_signo).name, cleanup=self._cleanup)
+                self._log.info("daemon.stopping", signal=signal.Signals(signo).name, cleanup=self._cleanup)
                 break
         finally:
             self._shutdown()

@@ -15,24 +15,35 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from portguard.audit import audit_stream
 from portguard.backends.bypass import find_bypasses
 from portguard.config import Config
-from portguard.conntrack import ConntrackError, heal
+from portguard.conntrack import ConntrackError, ReadStats, heal
 from portguard.logs import Logger
 from portguard.metrics import Metrics
 from portguard.rules import Family, PortRange, Protocol
 
-__all__ = ["EffectWorker"]
+__all__ = ["EffectWorker", "Result"]
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What the child did: entries healed (or untranslated flows found, with a sample), and how it read."""
+
+    count: int
+    first: tuple[str, ...] = ()
+    via: str = ""  # ctnetlink, or conntrack (the CLI fallback)
+    malformed: int = 0  # ctnetlink messages skipped as malformed
 
 
 class EffectWorker:
     def __init__(self, config: Callable[[], Config], metrics: Metrics, log: Logger, *,
                  clock: Callable[[], float] = time.monotonic,
-                 heal: Callable[[Config], int] | None = None,
-                 audit: Callable[[Config], tuple[int, list[str]]] | None = None,
+                 heal: Callable[[Config], Result] | None = None,
+                 audit: Callable[[Config], Result] | None = None,
                  bypasses: Callable[[Config], list[str]] | None = None,
                  after_audit: Callable[[], None] = lambda: None) -> None:
         self._config = config
@@ -69,29 +80,37 @@ class EffectWorker:
                 self._after_audit()
                 next_audit = self._clock() + self._config().daemon_audit_interval
 
+    def _malformed(self, result: Result) -> None:
+        if result.malformed:
+            self._metrics.conntrack_malformed.inc(result.malformed)
+            self._log.debug("conntrack.malformed", messages=result.malformed, via=result.via)
+
     def heal_once(self) -> int:
         try:
-            cleared = self._heal(self._config())
+            result = self._heal(self._config())
         except ConntrackError as exc:
             self._metrics.sync_failures.labels("conntrack").inc()
             self._log.warning("conntrack.heal_failed", error=str(exc))
             return 0
-        if cleared:
-            self._metrics.conntrack_healed.inc(cleared)
-            self._log.info("conntrack.healed", entries=cleared)
-        return cleared
+        self._malformed(result)
+        if result.count:
+            self._metrics.conntrack_healed.inc(result.count)
+            self._log.info("conntrack.healed", entries=result.count, via=result.via)
+        return result.count
 
     def audit_once(self) -> int:
         cfg = self._config()
         try:
-            count, first = self._audit(cfg)
+            result = self._audit(cfg)
         except ConntrackError as exc:
             self._metrics.sync_failures.labels("audit").inc()
             self._log.warning("audit.failed", error=str(exc))
             return self.audit_count
+        self._malformed(result)
+        count = result.count
         self._metrics.untranslated.set(count)
         if count != self.audit_count and count:
-            self._log.warning("audit.untranslated", flows=count, first=first)
+            self._log.warning("audit.untranslated", flows=count, first=list(result.first))
         self.audit_count = count
         bypasses = self._bypasses(cfg)
         self._metrics.bypasses.set(len(bypasses))
@@ -132,28 +151,35 @@ def _child(kind: str, cfg: Config) -> dict[str, Any]:
     return answer
 
 
-def _heal(cfg: Config) -> int:
-    return int(_child("heal", cfg)["healed"])
+def _result(answer: dict[str, Any], count: str) -> Result:
+    return Result(int(answer[count]), tuple(str(s) for s in answer.get("first", ())), str(answer.get("via", "")),
+                  int(answer.get("malformed", 0)))
 
 
-def _audit(cfg: Config) -> tuple[int, list[str]]:
-    answer = _child("audit", cfg)
-    return int(answer["count"]), [str(s) for s in answer["first"]]
+def _heal(cfg: Config) -> Result:
+    return _result(_child("heal", cfg), "healed")
+
+
+def _audit(cfg: Config) -> Result:
+    return _result(_child("audit", cfg), "count")
 
 
 def work(job: dict[str, Any]) -> dict[str, Any]:
-    """The child's side: one heal or one audit, streamed."""
+    """The child's side: one heal or one audit, streamed; with how the table was read."""
     families = [Family(f) for f in job["families"]]
     protocols = [Protocol(p) for p in job["protocols"]]
     source, target = PortRange(*job["source"]), PortRange(*job["target"])
+    stats = ReadStats()
     try:
         if job["kind"] == "heal":
-            return {"healed": heal(families, protocols, source, target)}
-        count, first = audit_stream(families, protocols, source=source, target=target,
-                                    interfaces=job["interfaces"], excluded=job["excluded"])
-        return {"count": count, "first": [f"{f.protocol} {f.src}:{f.sport} -> {f.dst}:{f.dport}" for f in first]}
+            answer: dict[str, Any] = {"healed": heal(families, protocols, source, target, stats)}
+        else:
+            count, first = audit_stream(families, protocols, source=source, target=target,
+                                        interfaces=job["interfaces"], excluded=job["excluded"], stats=stats)
+            answer = {"count": count, "first": [f"{f.protocol} {f.src}:{f.sport} -> {f.dst}:{f.dport}" for f in first]}
     except ConntrackError as exc:
-        return {"error": str(exc)}
+        answer = {"error": str(exc)}
+    return {**answer, "via": stats.via, "entries": stats.entries, "malformed": stats.malformed}
 
 
 def lower_priority(step: int = 10) -> bool:

@@ -52,6 +52,8 @@ class Metrics:
                               registry=r)
         self.malformed = Counter("portguard_netlink_malformed", "nf_tables notifications skipped as malformed",
                                  registry=r)
+        self.conntrack_malformed = Counter("portguard_conntrack_malformed",
+                                           "ctnetlink messages of conntrack reads skipped as malformed", registry=r)
         ProcessCollector(registry=r)  # process_resident_memory_bytes, CPU seconds, open fds
         self._backend = ""
 

@@ -104,13 +104,12 @@ class Netns:
                     proc.kill()
                     proc.wait(timeout=10)
         try:
-            inode = os.stat(self.path).st_ino
+            # What a portguard run recorded for this namespace, removed while the namespace still holds its inode:
+            # the next namespace (on any pytest worker) may get the same inode.
+            shutil.rmtree(f"/run/portguard/net-{os.stat(self.path).st_ino}", ignore_errors=True)
         except OSError:
-            inode = None
+            pass
         subprocess.run(["ip", "netns", "del", self.name], check=False)
-        if inode is not None:
-            # What a portguard run recorded for this namespace: a later namespace may get the same inode.
-            shutil.rmtree(f"/run/portguard/net-{inode}", ignore_errors=True)
 
     # ---- views of the tables, for assertions ----
 

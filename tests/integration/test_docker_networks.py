@@ -3,6 +3,7 @@ address Docker would give it and a port in the ACL's range; networks coming and 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -125,3 +126,27 @@ def test_networks_coming_and_going_change_the_rules_in_one_sync_and_never_open_a
     finally:
         host.engine.docker("rm", "-f", probe, check=False)
         host.engine.docker("network", "rm", "pgprobe", check=False)
+
+
+def test_a_container_started_and_removed_on_an_existing_network_costs_no_sync_and_no_write(host: Host) -> None:
+    """Container life changes no network: no Docker event reaches portguard, no inventory change, no rule write
+    (portguard's tables read the same, counters aside), and the container still gets through."""
+    def tables() -> str:
+        if host.backend == "nftables":
+            return re.sub(r"packets \d+ bytes \d+", "", host.ns.nft("list", "table", "inet", "portguard"))
+        return "\n".join(ln for ln in host.ns.rules("iptables-nft-save") if "PORTGUARD" in ln)
+
+    host.engine.docker("network", "create", "--subnet", "10.71.0.0/24", "pgexisting")
+    try:
+        assert wait_for(lambda: "net:pgexisting" in host.ns.portguard(
+            "check", "--json", "--backend", host.backend, env={"DOCKER_HOST": host.engine.host}).stdout, 5), host.log()
+        time.sleep(0.5)  # the network's own events and syncs are over
+        before, seen = tables(), len(host.daemon.events())
+        addr, port = host.seen_from("pgexisting")
+        time.sleep(1.0)
+        new = [e["event"] for e in host.daemon.events()[seen:]]
+        assert not [e for e in new if e.startswith(("docker.event", "rule.", "inventory."))], new
+        assert tables() == before
+        assert addr == NEAR_IP and port >= ACL_LOW, (addr, port)
+    finally:
+        host.engine.docker("network", "rm", "pgexisting")

@@ -10,7 +10,7 @@ import structlog
 
 from portguard.config import Config
 from portguard.conntrack import ConntrackError
-from portguard.effects import EffectWorker
+from portguard.effects import EffectWorker, Result
 from portguard.errors import ConfigError
 from portguard.health import Health, StormMeter
 from portguard.metrics import Metrics
@@ -165,17 +165,17 @@ def test_effect_worker_coalesces_heal_requests_and_survives_conntrack_failures()
     calls: list[str] = []
     started, release = threading.Event(), threading.Event()
 
-    def heal(_cfg: Config) -> int:
+    def heal(_cfg: Config) -> Result:
         calls.append("heal")
         started.set()
         release.wait(5)
         if len(calls) == 2:
             raise ConntrackError("conntrack -L did not finish within 20 s (killed)")
-        return 3
+        return Result(3, via="ctnetlink", malformed=2)
 
     metrics = Metrics()
     worker = EffectWorker(lambda: Config(daemon_audit_interval=3600), metrics, LOG, heal=heal,
-                          audit=lambda _c: (0, []), bypasses=lambda _c: [])
+                          audit=lambda _c: Result(0), bypasses=lambda _c: [])
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,))
     thread.start()
@@ -190,6 +190,7 @@ def test_effect_worker_coalesces_heal_requests_and_survives_conntrack_failures()
     assert calls == ["heal", "heal"]
     sample = metrics.registry.get_sample_value
     assert sample("portguard_conntrack_healed_total") == 3
+    assert sample("portguard_conntrack_malformed_total") == 2  # skipped messages are counted, the worker goes on
     assert sample("portguard_sync_failures_total", {"kind": "conntrack"}) == 1
 
 

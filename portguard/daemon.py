@@ -258,6 +258,9 @@ class Daemon:
 
     def _start_workers(self) -> None:
         sup = self.supervisor
+        runtimes = runtime_sources(lambda: self.cfg, self.set_part)
+        for source in runtimes.values():
+            source.poll()  # before the first sync: READY=1 comes with the local runtimes' rules in force
         metrics = None
         if self.cfg.metrics_listen:
             # Bound before the first sync can send READY=1: ready means the endpoint answers.
@@ -268,7 +271,7 @@ class Daemon:
         sources = change_sources(lambda: self.reconciler.backend.watch, lambda _why: self.runner.request(),
                                  self._log, poll_interval=lambda: self.cfg.daemon_poll_interval,
                                  on_malformed=self.metrics.malformed.inc)
-        sources.update(runtime_sources(lambda: self.cfg, self.set_part))
+        sources.update({name: source.run for name, source in runtimes.items()})
         for name, work in sources.items():
             sup.start(name, work)
         sup.start("effects", self.effects.run)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -103,12 +104,10 @@ class Netns:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(timeout=10)
-        try:
-            # What a portguard run recorded for this namespace, removed while the namespace still holds its inode:
-            # the next namespace (on any pytest worker) may get the same inode.
+        # What a portguard run recorded for this namespace, removed while the namespace still holds its inode:
+        # the next namespace (on any pytest worker) may get the same inode.
+        with contextlib.suppress(OSError):
             shutil.rmtree(f"/run/portguard/net-{os.stat(self.path).st_ino}", ignore_errors=True)
-        except OSError:
-            pass
         subprocess.run(["ip", "netns", "del", self.name], check=False)
 
     # ---- views of the tables, for assertions ----

@@ -19,14 +19,15 @@ from netns import Netns
 
 from portguard.demo import CLIENT
 
-__all__ = ["ACL_LOW", "INNER_IP", "INNER_NET", "NEAR_IP", "NEAR_IP6", "OPEN_PORT", "SECONDARY_IP", "SERVER_IP",
-           "SERVER_IP6", "AclNetwork"]
+__all__ = ["ACL_LOW", "CLIENT_PORTS", "INNER_IP", "INNER_NET", "NEAR_IP", "NEAR_IP6", "OPEN_PORT", "SECONDARY_IP",
+           "SERVER_IP", "SERVER_IP6", "AclNetwork"]
 
 ACL_LOW = 49152
 SERVER_IP, SERVER_IP6 = "198.51.100.2", "2001:db8:100::2"
 NEAR_IP, NEAR_IP6, SECONDARY_IP = "198.51.100.1", "2001:db8:100::1", "198.51.100.32"
 INNER_IP, INNER_GW, INNER_NET = "10.88.0.2", "10.88.0.1", "10.88.0.0/24"
 PORT, OPEN_PORT = 8080, 8081
+CLIENT_PORTS = "32768 40000"  # ip_local_port_range forced on clients: every source port below the ACL's range
 
 # Dual-stack: one socket for both families, IPv4 peers seen as ::ffff:a.b.c.d.
 SERVER = """

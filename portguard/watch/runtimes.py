@@ -50,25 +50,32 @@ class PollingSource:
         self._on_part = on_part
         self._interval = interval
 
+        self._last: object = object()
+
+    def poll(self) -> None:
+        """Look once; report the part if what it is read from changed (the first look always reports)."""
+        if self._fingerprint is None:
+            part = self._read()
+            if part != self._last:
+                self._last = part
+                self._on_part(self.name, part)
+            return
+        now = self._fingerprint()
+        if now != self._last:
+            self._last = now
+            self._on_part(self.name, self._read())
+
     def run(self, stop: threading.Event) -> None:
-        last: object = object()
         while not stop.is_set():
-            if self._fingerprint is None:
-                part = self._read()
-                if part != last:
-                    last = part
-                    self._on_part(self.name, part)
-            else:
-                now = self._fingerprint()
-                if now != last:
-                    last = now
-                    self._on_part(self.name, self._read())
+            self.poll()
             stop.wait(self._interval)
 
 
 def runtime_sources(config: Callable[[], Config], on_part: Callable[[str, Part | None], None], *,
-                    interval: float = 1.0) -> dict[str, Worker]:
-    """Workers by name (``podman``, ``cni``, ``kube-proxy``), each reading through runtimes.READERS."""
+                    interval: float = 1.0) -> dict[str, PollingSource]:
+    """The sources by name (``podman``, ``cni``, ``kube-proxy``), each reading through runtimes.READERS.  Local
+    reads, all of them: the daemon polls each once before its first sync, so that the rules it reports READY
+    with already cover what the host's files and rules say."""
     from portguard.runtimes import cni, podman
 
     def reader(name: str) -> Callable[[], Part | None]:
@@ -83,4 +90,4 @@ def runtime_sources(config: Callable[[], Config], on_part: Callable[[str, Part |
         # fingerprint.
         PollingSource("kube-proxy", reader("kube-proxy"), on_part, interval=2 * interval),
     ]
-    return {s.name: s.run for s in sources}
+    return {s.name: s for s in sources}

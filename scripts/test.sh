@@ -10,8 +10,10 @@ if [ "$(id -u)" != 0 ]; then exec sudo -E "$0" "$@"; fi
 
 # systemd-container: systemd-nspawn boots the matrix's userlands; podman, netavark and containernetworking-plugins
 # are the other runtimes portguard knows (Debian 12's podman 4.3 with netavark 1.4, the CNI plugins 1.1).
+# gcc and libc6-dev build the tests' static client (tests/pgnet.c).
 packages=(iptables nftables conntrack docker.io busybox-static iproute2 util-linux systemd systemd-container
-          python3 python3-venv debootstrap prometheus man-db podman netavark containernetworking-plugins)
+          python3 python3-venv debootstrap prometheus man-db podman netavark containernetworking-plugins
+          gcc libc6-dev)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

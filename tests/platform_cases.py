@@ -17,6 +17,7 @@ import json
 import re
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 import pytest
 from daemonproc import PortguardDaemon
 from dockerhost import IMAGE, busybox_tar
+from images import PGNET_IMAGE, pgnet_tar
 from netns import Netns, wait_for
 from topology import ACL_LOW, NEAR_IP, SECONDARY_IP, SERVER_IP, AclNetwork
 from userland import SUITES, Suite, Userland, record_platform
@@ -194,6 +196,54 @@ def test_routed_network_keeps_the_container_address(stack: Stack) -> None:
                  "com.docker.network.bridge.gateway_mode_ipv4=routed", "pgrouted")
     addr, port = stack.fetch("--network", "pgrouted", "--ip", ROUTED_IP)
     assert addr == ROUTED_IP and port >= ACL_LOW, (addr, port)
+
+
+PODMAN_CONF = """[containers]
+default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+"""
+HOST_CLIENT = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+print(s.getsockname()[1], flush=True); s.recv(64)
+"""
+
+
+def test_podman_runs_builds_and_host_to_container(stack: Stack) -> None:
+    """The userland's own Podman (5.x, netavark's nftables driver) next to its dockerd: a container on the default
+    network and one on a created network leave with the egress address and high ports, a `podman build` RUN step
+    too; the host talking to a container through podman0 keeps its port.  portguard finds the networks itself."""
+    stack.ul.put({"/etc/containers/containers.conf": PODMAN_CONF.encode(),
+                  "/root/pgnet.tar": pgnet_tar(stack.workdir).read_bytes(),
+                  "/root/podbuild/Containerfile": f'FROM {PGNET_IMAGE}\nRUN ["/pgnet", "connect", "{SERVER_IP}", '
+                                                  f'"8080", "10"]\n'.encode()})
+
+    def podman(*args: str) -> subprocess.CompletedProcess[str]:
+        return stack.ul.run(["podman", *args], ns=stack.ns, timeout=300)
+
+    podman("import", "/root/pgnet.tar", PGNET_IMAGE)
+    podman("network", "create", "--disable-dns", "--subnet", "10.89.7.0/24", "pgpodnet")
+    assert wait_for(lambda: "podman:pgpodnet" in stack.portguard("check", "--json").stdout, 10), stack.log()
+    for network in ("podman", "pgpodnet"):
+        before = len(stack.acl.peers)
+        podman("run", "--rm", "--network", network, "--sysctl", LOW_PORTS, PGNET_IMAGE, "/pgnet", "connect",
+               SERVER_IP, "8080", "3")
+        seen = stack.acl.peers[before:]
+        assert len(seen) == 3 and all(a == NEAR_IP and p >= ACL_LOW for a, p in seen), (network, seen, stack.log())
+    before = len(stack.acl.peers)
+    podman("build", "--no-cache", "-t", "localhost/pg-built", "/root/podbuild")
+    assert len(stack.acl.ports[before:]) >= 10 and min(stack.acl.ports[before:]) >= ACL_LOW, stack.acl.ports
+    podman("run", "-d", "--name", "pgserver", PGNET_IMAGE, "/pgnet", "serve", "8090")
+    ip = podman("inspect", "-f", "{{.NetworkSettings.IPAddress}}", "pgserver").stdout.strip()
+    assert wait_for(lambda: stack.ns.run([sys.executable, "-c", HOST_CLIENT, ip, "8090"], check=False).returncode == 0,
+                    10)
+    port = int(stack.ns.run([sys.executable, "-c", HOST_CLIENT, ip, "8090"]).stdout.split()[0])
+    assert wait_for(lambda: f" {port}" in podman("logs", "pgserver").stdout, 5)
+    seen = [line.split() for line in podman("logs", "pgserver").stdout.splitlines()]
+    assert [a for a, p in seen if int(p) == port] == [ip.rsplit(".", 1)[0] + ".1"] and port < ACL_LOW, (seen, port)
 
 
 def test_nft_flush_ruleset_changes_nothing_on_the_wire(stack: Stack) -> None:

@@ -3,6 +3,7 @@ below 49152: portguard moves the port and changes no address that the host (a ru
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -92,3 +93,27 @@ def test_excluded_destination_sees_the_original_port(ns: Netns, acl: AclNetwork,
     assert not acl.connect()  # the same destination behind the ACL: the original port is rejected
     assert acl.connect(server=SERVER_IP6)  # IPv6 destination not excluded: translated
     assert acl.peers[-1][1] >= ACL_LOW, acl.peers
+
+
+def test_a_masquerade_portguard_does_not_know_is_named_by_doctor_and_covered_by_config(ns: Netns, acl: AclNetwork,
+                                                                                     tmp_path: Path) -> None:
+    """A libvirt-shaped network (`-s NET ! -d NET -j MASQUERADE`): doctor exits 1 naming its subnet and the
+    configuration that covers it, and its audit counts the flow that left untranslated; with that configuration
+    the network's traffic leaves masqueraded, as the host asks, with a high port."""
+    assert acl.inner is not None
+    ns.run(["iptables-nft", "-t", "nat", "-A", "POSTROUTING", "-s", INNER_NET, "!", "-d", INNER_NET, "-j",
+            "MASQUERADE"])
+    _apply(ns, "nftables")
+    assert acl.connect(port=OPEN_PORT, via=acl.inner) and acl.open_peers[-1][1] < ACL_LOW
+    doctor = ns.portguard("doctor", "--json", env={"DOCKER_HOST": "unix:///nonexistent/docker.sock"})
+    report = json.loads(doctor.stdout)
+    risks = [f["message"] for f in report["findings"] if f["severity"] == "risk"]
+    assert doctor.returncode == 1 and any(
+        INNER_NET in m and f'[masquerade] sources = ["{INNER_NET}"]' in m for m in risks), risks
+    assert report["facts"]["untranslated_flows"] >= 1, report["facts"]
+    cfg = tmp_path / "pg.toml"
+    cfg.write_text(f'[masquerade]\nsources = ["{INNER_NET}"]\nkeep_destinations = ["{INNER_NET}"]\n')
+    _apply(ns, "nftables", "--config", str(cfg))
+    assert acl.connect(via=acl.inner)
+    addr, port = acl.peers[-1]
+    assert addr == NEAR_IP and port >= ACL_LOW, acl.peers

@@ -1,6 +1,6 @@
 """Idle cost of `portguard run` next to a real dockerd: CPU share and RSS after --seconds with nothing to do.
 
-    .venv/bin/python bench/idle.py [--seconds 60] [--backends nftables,iptables-nft,iptables-legacy]
+    .venv/bin/python bench/idle.py [--seconds 60] [--backends nftables,iptables-nft,iptables-legacy] [--source DIR]
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ from netns import Netns
 from soak import _stat
 
 
-def idle(backend: str, seconds: float) -> dict[str, object]:
+def idle(backend: str, seconds: float, source: Path | None = None) -> dict[str, object]:
     ns = Netns("pgidle")
     engine = DockerEngine(ns)
     d: PortguardDaemon | None = None
     try:
         engine.start()
         d = PortguardDaemon(ns, Path(tempfile.mkdtemp(prefix="pg-idle-")), "--backend", backend,
-                            env={"DOCKER_HOST": engine.host, "PORTGUARD_LOG_LEVEL": "info"})
+                            env={"DOCKER_HOST": engine.host, "PORTGUARD_LOG_LEVEL": "info",
+                                 **({"PYTHONPATH": str(source.resolve())} if source else {})})
         assert d.wait_note("READY=1"), d.log_path.read_text()
         time.sleep(5)  # start-up done (imports, first syncs, Docker connected)
         cpu0, _ = _stat(d.proc.pid)
@@ -48,9 +49,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--backends", default="nftables,iptables-nft,iptables-legacy")
+    parser.add_argument("--source", type=Path, help="run another checkout's portguard (an older commit's worktree)")
     args = parser.parse_args()
     for backend in args.backends.split(","):
-        print(idle(backend, args.seconds), flush=True)
+        print(idle(backend, args.seconds, args.source), flush=True)
 
 
 if __name__ == "__main__":

@@ -20,19 +20,21 @@ from netns import Netns
 
 from portguard.config import Config
 from portguard.desired import desired_rules
-from portguard.networks import parse_networks
+from portguard.inventory import Inventory, Part
+from portguard.runtimes.docker import parse_networks
 
 CODE = """
 import json, statistics, sys, time
 from portguard.backends import make_backend
 from portguard.config import Config
 from portguard.desired import desired_rules
-from portguard.networks import parse_networks
+from portguard.inventory import Inventory, Part
+from portguard.runtimes.docker import parse_networks
 from portguard.reconciler import Reconciler
 backend_name, reps, raw = sys.argv[1], int(sys.argv[2]), json.loads(sys.stdin.read())
 backend = make_backend(backend_name)
 families = [f for f in Config().families if f in backend.families()]
-rules = desired_rules(Config(), parse_networks(raw), families)
+rules = desired_rules(Config(), Inventory.of({"docker": Part(parse_networks(raw))}), families)
 from portguard.logs import configure_logging
 rec = Reconciler(backend, rules, configure_logging("json", "error"))
 t = time.perf_counter(); rec.sync(); first = (time.perf_counter() - t) * 1000
@@ -78,7 +80,7 @@ def main() -> None:
 
     raw = inventory(args.networks)
     t = time.perf_counter()
-    rules = desired_rules(Config(), parse_networks(raw))
+    rules = desired_rules(Config(), Inventory.of({"docker": Part(parse_networks(raw))}))
     derive = (time.perf_counter() - t) * 1000
     print(f"{args.networks} networks -> {len(rules)} rules (both families), derived in {derive:.1f} ms")
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))

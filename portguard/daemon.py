@@ -2,7 +2,7 @@
 
 Workers, each supervised (restarted after a crash; the daemon exits 2 when one cannot be kept alive):
   * ``runner``: coalesced, rate-limited full syncs with a jittered periodic backstop (runner.py);
-  * ``docker``, ``podman``, ``cni``, ``kube-proxy``: the runtimes' inventory, each from its source
+  * ``docker`` and ``runtimes`` (Podman, CNI, kube-proxy): the runtimes' inventory, from their sources
     (watch/docker.py, watch/runtimes.py): a changed part changes the rules and requests a sync;
   * ``nft-notify`` and ``poll``: kernel change sources, as the backend asks (watch/sources.py);
   * ``effects``: conntrack healing and the effect audit, never on the sync's path (effects.py);
@@ -259,8 +259,7 @@ class Daemon:
     def _start_workers(self) -> None:
         sup = self.supervisor
         runtimes = runtime_sources(lambda: self.cfg, self.set_part)
-        for source in runtimes.values():
-            source.poll()  # before the first sync: READY=1 comes with the local runtimes' rules in force
+        runtimes.poll()  # before the first sync: READY=1 comes with the local runtimes' rules in force
         metrics = None
         if self.cfg.metrics_listen:
             # Bound before the first sync can send READY=1: ready means the endpoint answers.
@@ -271,7 +270,7 @@ class Daemon:
         sources = change_sources(lambda: self.reconciler.backend.watch, lambda _why: self.runner.request(),
                                  self._log, poll_interval=lambda: self.cfg.daemon_poll_interval,
                                  on_malformed=self.metrics.malformed.inc)
-        sources.update({name: source.run for name, source in runtimes.items()})
+        sources["runtimes"] = runtimes.run
         for name, work in sources.items():
             sup.start(name, work)
         sup.start("effects", self.effects.run)

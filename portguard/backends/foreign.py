@@ -36,22 +36,30 @@ KUBE_CHAINS = (("nat", "KUBE-POSTROUTING"), ("kube-proxy", "masquerading"))
 _MARK = re.compile(r"--mark (0x[0-9a-fA-F]+(?:/0x[0-9a-fA-F]+)?)")
 
 
-def _nft_json(cmd: str) -> list[dict[str, Any]]:
-    from portguard.backends.nftables import Libnftables
+class _Nft:
+    """One libnftables context for a handful of listings (a context costs more than a small listing)."""
 
-    try:
-        nft = Libnftables()
-    except FatalError:
-        return []
-    try:
-        rc, out, _ = nft.run(cmd, json_output=True)
-        if rc != 0:
+    def __enter__(self) -> _Nft:
+        from portguard.backends.nftables import Libnftables
+
+        try:
+            self._nft: Any = Libnftables()
+        except FatalError:
+            self._nft = None
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._nft is not None:
+            self._nft.close()
+
+    def json(self, cmd: str) -> list[dict[str, Any]]:
+        if self._nft is None:
             return []
-        return list(json.loads(out or '{"nftables": []}').get("nftables", []))
-    except ValueError:
-        return []
-    finally:
-        nft.close()
+        rc, out, _ = self._nft.run(cmd, json_output=True)
+        try:
+            return list(json.loads(out or '{"nftables": []}').get("nftables", [])) if rc == 0 else []
+        except ValueError:
+            return []
 
 
 def marks_in_chain(objects: Iterable[dict[str, Any]]) -> list[tuple[int, int]]:
@@ -70,10 +78,11 @@ def marks_in_chain(objects: Iterable[dict[str, Any]]) -> list[tuple[int, int]]:
 def kube_proxy_marks(families: Sequence[Family] = tuple(Family)) -> tuple[tuple[int, int], ...]:
     """The marks kube-proxy masquerades by on this host (nothing when kube-proxy's rules are not there)."""
     marks: list[tuple[int, int]] = []
-    chains = [o["chain"] for o in _nft_json("list chains") if "chain" in o]
-    for c in chains:
-        if (c.get("table"), c.get("name")) in KUBE_CHAINS and c.get("family") in ("ip", "ip6"):
-            marks += marks_in_chain(_nft_json(f"list chain {c['family']} {c['table']} {c['name']}"))
+    with _Nft() as nft:
+        chains = [o["chain"] for o in nft.json("list chains") if "chain" in o]
+        for c in chains:
+            if (c.get("table"), c.get("name")) in KUBE_CHAINS and c.get("family") in ("ip", "ip6"):
+                marks += marks_in_chain(nft.json(f"list chain {c['family']} {c['table']} {c['name']}"))
     for family in families:
         if legacy_nat_registered(family) and shutil.which(_legacy(family)):
             try:
@@ -179,13 +188,15 @@ def _gates_by_mark(expr: list[Any]) -> bool:
 def _nft_foreign(family: Family) -> list[ForeignNat]:
     """masquerade/snat rules of native nft tables (not iptables-nft's, not portguard's) that hook nat postrouting."""
     fam = {Family.IPV4: ("ip", "inet"), Family.IPV6: ("ip6", "inet")}[family]
-    chains = [o["chain"] for o in _nft_json("list chains") if "chain" in o]
-    tables = {(c["family"], c["table"]) for c in chains
-              if c.get("type") == "nat" and c.get("hook") == "postrouting" and c.get("family") in fam
-              and c.get("table") not in ("nat", "portguard", "portguard_standby")}
+    with _Nft() as nft:
+        chains = [o["chain"] for o in nft.json("list chains") if "chain" in o]
+        tables = {(c["family"], c["table"]) for c in chains
+                  if c.get("type") == "nat" and c.get("hook") == "postrouting" and c.get("family") in fam
+                  and c.get("table") not in ("nat", "portguard", "portguard_standby")}
+        listed = {t: [o["rule"] for o in nft.json(f"list table {t[0]} {t[1]}") if isinstance(o.get("rule"), dict)]
+                  for t in sorted(tables)}
     out = []
-    for nft_family, table in sorted(tables):
-        rules = [o["rule"] for o in _nft_json(f"list table {nft_family} {table}") if isinstance(o.get("rule"), dict)]
+    for (nft_family, table), rules in listed.items():
         entered: dict[str, set[str | None]] = {}
         for rule in rules:
             for e in rule.get("expr", []):

@@ -17,14 +17,14 @@ from __future__ import annotations
 import json
 import shutil
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from portguard.config import interface_ok
 from portguard.inventory import MULTICAST, Network, Part, address, canonical_cidrs
 
-__all__ = ["default_network", "parse_network", "read_part", "watched_paths"]
+__all__ = ["Fingerprint", "default_network", "parse_network", "read_part", "watched_paths"]
 
 CONF_FILES = (Path("/usr/share/containers/containers.conf"), Path("/etc/containers/containers.conf"))
 CONF_DIR = Path("/etc/containers/containers.conf.d")
@@ -86,10 +86,26 @@ def installed() -> bool:
     return shutil.which("podman") is not None or NETWORKS_DIR.is_dir()
 
 
-def watched_paths() -> list[Path]:
-    """What to look at for changes: the network directory and the configuration files."""
-    conf = _containers_conf(_conf_files())
+def watched_paths(conf: Mapping[str, Any] | None = None) -> list[Path]:
+    """What to look at for changes: the configuration files and the network directory they name."""
+    conf = _containers_conf(_conf_files()) if conf is None else conf
     return [Path(str(conf.get("network_config_dir") or NETWORKS_DIR)), CONF_DIR, *CONF_FILES]
+
+
+class Fingerprint:
+    """What changes when Podman's networks may have: its installation, its configuration files and network files.
+    containers.conf (30 KB as Debian ships it) is parsed again only when one of those files changed."""
+
+    def __init__(self, stat: Callable[[list[Path]], tuple[object, ...]]) -> None:
+        self._stat = stat
+        self._conf_print: tuple[object, ...] | None = None
+        self._conf: Mapping[str, Any] = {}
+
+    def __call__(self) -> tuple[object, ...]:
+        conf_print = self._stat([CONF_DIR, *CONF_FILES])
+        if conf_print != self._conf_print:
+            self._conf_print, self._conf = conf_print, _containers_conf(_conf_files())
+        return installed(), conf_print, self._stat(watched_paths(self._conf)[:1])
 
 
 def read_part() -> Part | None:

@@ -98,7 +98,11 @@ class DockerWatcher:
                 failures += 1
                 now = time.monotonic()
                 if failures == 1 or now - last_unavailable_log >= _UNAVAILABLE_LOG_EVERY:
-                    self._log.warning("docker.unavailable", error=str(exc).splitlines()[0][:200], attempts=failures)
+                    # No socket at all is a host without dockerd (a containerd or Podman node): information.  A socket
+                    # that does not answer is a dockerd in trouble: a warning.
+                    socket = self._socket()
+                    level = self._log.info if socket is not None and not socket.exists() else self._log.warning
+                    level("docker.unavailable", error=str(exc).splitlines()[0][:200], attempts=failures)
                     last_unavailable_log = now
                 backoff = min(self._max_backoff, 0.25 * 2 ** min(failures - 1, 10)) * (0.5 + random.random())  # noqa: S311
                 self._wait_for_engine(backoff)

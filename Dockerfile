@@ -10,6 +10,14 @@ ARG BASE=python:3.11-slim-bookworm
 # ---- build: the virtual environment, from the source tree (which stays in this stage) ----
 FROM ${BASE} AS build
 ARG PIP_ARGS=""
+# python-iptables is published as source only: its C wrapper needs a compiler (this stage is thrown away; the
+# python:*-slim images carry Python's headers). Empty it when PIP_ARGS points at prebuilt wheels.
+ARG BUILD_PACKAGES="gcc libc6-dev"
+# hadolint ignore=DL3008
+RUN if [ -n "$BUILD_PACKAGES" ] && ! command -v gcc >/dev/null; then \
+        apt-get update && apt-get install -y --no-install-recommends $BUILD_PACKAGES \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
 COPY . /src
 # hadolint ignore=DL3013
 RUN python3 -m venv /opt/portguard \
@@ -18,7 +26,7 @@ RUN python3 -m venv /opt/portguard \
 
 # ---- final: the base, the netfilter tools, the environment; no source tree, no pip ----
 FROM ${BASE}
-ARG APT_PACKAGES="iptables nftables conntrack"
+ARG APT_PACKAGES="iptables nftables conntrack iproute2"
 ARG VERSION=0.2.0
 ARG SOURCE_URL=""
 
@@ -28,8 +36,9 @@ LABEL org.opencontainers.image.title="portguard" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.source="${SOURCE_URL}"
 
-# Both iptables flavours (iptables-nft, iptables-legacy), libnftables and conntrack; portguard
-# detects which one the host uses. Versions follow the base image's release.
+# Both iptables flavours (iptables-nft, iptables-legacy), libnftables, conntrack (the fallback where ctnetlink is
+# refused) and iproute2 (the audit's routes); portguard detects which flavour the host uses. Versions follow the
+# base image's release.
 # hadolint ignore=DL3008
 RUN if [ -n "$APT_PACKAGES" ]; then \
         apt-get update \

@@ -43,7 +43,7 @@ def inner(backend_name: str, reps: int) -> dict[str, float]:
     log = configure_logging("json", "error")
     backend = make_backend(backend_name)
     families = [f for f in Config().families if f in backend.families()]
-    rec = Reconciler(backend, desired_rules(Config(), (), families), log)
+    rec = Reconciler(backend, desired_rules(Config(), families=families), log)
     rec.sync()
     observe, repair = [], []
     for _ in range(reps):

@@ -2,8 +2,9 @@
 
 A flow whose original source port lies in ``source_ports`` but whose reply direction shows
 the same port (untranslated) outside ``to_ports`` left unprotected: the remote side (and its
-ACL) saw a rejected port.  Only flows that leave through the egress scope count; the egress
-interface is found from the routing table (longest prefix), since conntrack does not record it.
+ACL) saw a rejected port.  Only flows that leave through the egress scope count (not through a bridge or to a
+destination the rules leave alone); the egress interface is found from the routing table (longest prefix),
+since conntrack does not record it.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from portguard.config import Config, iface_matches
 from portguard.conntrack import Flow, ReadStats, is_untranslated, iter_flows
-from portguard.rules import Family, PortRange, Protocol
+from portguard.rules import Action, Family, PortRange, Protocol, Rule
 
-__all__ = ["Route", "audit", "audit_stream", "in_scope", "read_routes", "unprotected"]
+__all__ = ["Route", "Scope", "audit", "audit_stream", "read_routes", "unprotected"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,8 +28,30 @@ class Route:
     dev: str
 
 
-def _matches(pattern: str, name: str) -> bool:
-    return name.startswith(pattern[:-1]) if pattern.endswith("+") else name == pattern
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Where portguard translates: the egress interfaces (none: any), and what its rules leave alone (the excluded
+    interfaces, every runtime's bridge among them, and the excluded destinations)."""
+
+    interfaces: tuple[str, ...] = ()
+    excluded: tuple[str, ...] = ()
+    destinations: tuple[str, ...] = ()
+
+    @staticmethod
+    def of(cfg: Config, rules: Sequence[Rule]) -> Scope:
+        """From the rules in force: what they return unconditionally by interface or by destination."""
+        plain = [r for r in rules if r.action is Action.RETURN and not r.source]
+        return Scope(cfg.egress_interfaces, tuple(dict.fromkeys(r.out_interface for r in plain if r.out_interface)),
+                     tuple(dict.fromkeys(r.destination for r in plain if r.destination)))
+
+    def covers(self, dev: str | None, dst: str) -> bool:
+        if dev is None or any(iface_matches(p, dev) for p in self.excluded):
+            return False
+        if self.destinations:
+            addr = ipaddress.ip_address(dst)
+            if any(addr in ipaddress.ip_network(d) for d in self.destinations):
+                return False
+        return not self.interfaces or any(iface_matches(p, dev) for p in self.interfaces)
 
 
 def egress_dev(routes: Sequence[Route], dst: str) -> str | None:
@@ -36,24 +60,15 @@ def egress_dev(routes: Sequence[Route], dst: str) -> str | None:
     return max(best, key=lambda r: r.network.prefixlen).dev if best else None
 
 
-def in_scope(dev: str | None, interfaces: Sequence[str], excluded: Sequence[str]) -> bool:
-    if dev is None or any(_matches(p, dev) for p in excluded):
-        return False
-    return not interfaces or any(_matches(p, dev) for p in interfaces)
-
-
 def unprotected(flows: Sequence[Flow], routes: Sequence[Route], *, source: PortRange, target: PortRange,
-                interfaces: Sequence[str], excluded: Sequence[str]) -> list[Flow]:
+                scope: Scope) -> list[Flow]:
     """Flows in scope that left with a matched source port, untranslated and outside the target range."""
-    return [
-        f for f in flows
-        if f.sport in source and f.reply_dport == f.sport and f.sport not in target
-        and in_scope(egress_dev(routes, f.dst), interfaces, excluded)
-    ]
+    return [f for f in flows if is_untranslated(f, source, target) and scope.covers(egress_dev(routes, f.dst), f.dst)]
 
 
 def read_routes() -> list[Route]:
-    """Unicast routes of every table (``ip -j route``), local ones included."""
+    """Unicast routes of every table (``ip -j route``; iproute2, which install.sh and the image install), local
+    ones included: a flow to one of the host's own addresses leaves through lo, never through the egress."""
     routes = []
     for family in ("-4", "-6"):
         try:
@@ -78,13 +93,12 @@ def read_routes() -> list[Route]:
 
 
 def audit_stream(families: Sequence[Family], protocols: Sequence[Protocol], *, source: PortRange,
-                 target: PortRange, interfaces: Sequence[str], excluded: Sequence[str],
-                 sample: int = 3, stats: ReadStats | None = None) -> tuple[int, list[Flow]]:
+                 target: PortRange, scope: Scope, sample: int = 3,
+                 stats: ReadStats | None = None) -> tuple[int, list[Flow]]:
     """Count the unprotected flows while conntrack is read (memory stays flat); keep the first few as a sample."""
     routes = read_routes()
     count, first = 0, list[Flow]()
-    keep = lambda f: is_untranslated(f, source, target) and in_scope(egress_dev(routes, f.dst),  # noqa: E731
-                                                                     interfaces, excluded)
+    keep = lambda f: is_untranslated(f, source, target) and scope.covers(egress_dev(routes, f.dst), f.dst)  # noqa: E731
     for flow in iter_flows(families, protocols, keep=keep, stats=stats):
         count += 1
         if len(first) < sample:
@@ -92,7 +106,6 @@ def audit_stream(families: Sequence[Family], protocols: Sequence[Protocol], *, s
     return count, first
 
 
-def audit(flows: Sequence[Flow], *, source: PortRange, target: PortRange, interfaces: Sequence[str],
-          excluded: Sequence[str]) -> list[Flow]:
+def audit(flows: Sequence[Flow], *, source: PortRange, target: PortRange, scope: Scope) -> list[Flow]:
     """The unprotected flows among ``flows`` (from conntrack), scoped with this host's routing table."""
-    return unprotected(flows, read_routes(), source=source, target=target, interfaces=interfaces, excluded=excluded)
+    return unprotected(flows, read_routes(), source=source, target=target, scope=scope)

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 
 from portguard import __version__
+from portguard.audit import Scope
 from portguard.backends import Backend, make_backend
 from portguard.config import Config
 from portguard.desired import desired_rules
@@ -99,7 +100,8 @@ class Daemon:
         self.storm = StormMeter(cfg.daemon_storm_repairs, cfg.daemon_storm_window)
         # After each audit: give freed heap back (glibc keeps it per thread arena otherwise), so RSS stays what
         # the daemon uses, not the high-water mark of a burst of Docker events or reconnects.
-        self.effects = EffectWorker(lambda: self.cfg, self.metrics, log, after_audit=release_memory)
+        self.effects = EffectWorker(lambda: self.cfg, self.metrics, log, after_audit=release_memory,
+                                    scope=lambda: Scope.of(self.cfg, self.reconciler.rules))
         self._reconciler = self._build(cfg)
         self.runner = SyncRunner(
             self._sync,

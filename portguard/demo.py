@@ -168,6 +168,10 @@ class Lab:
             os.kill(int((self.tmp / "exec" / "containerd" / "containerd.pid").read_text()), signal.SIGTERM)
         subprocess.run(["umount", "-R", str(self.tmp / "data")], capture_output=True, check=False)
         for name in (self.host, self.remote):
+            # What the demo's portguard recorded for its namespace goes too, while the namespace still holds its
+            # inode (a later namespace may get the same one).
+            with suppress(OSError):
+                shutil.rmtree(f"/run/portguard/net-{os.stat(f'/var/run/netns/{name}').st_ino}", ignore_errors=True)
             subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
         shutil.rmtree(self.tmp, ignore_errors=True)
 

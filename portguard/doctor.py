@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from portguard.audit import audit
+from portguard.audit import Scope, audit
 from portguard.backends import Observation
 from portguard.backends.bypass import find_bypasses
 from portguard.backends.foreign import foreign_nat, uncovered
@@ -213,8 +213,7 @@ def run_doctor(cfg: Config, inventory: Inventory = Inventory()) -> Report:  # no
                f"destination; most in use: {used}" + (f" towards {dest}" if dest else ""))
 
     # The effect audit.
-    untranslated = audit(flows, source=cfg.source_ports, target=cfg.to_ports, interfaces=cfg.egress_interfaces,
-                         excluded=cfg.egress_exclude_interfaces)
+    untranslated = audit(flows, source=cfg.source_ports, target=cfg.to_ports, scope=Scope.of(cfg, rules))
     report.facts["untranslated_flows"] = len(untranslated)
     if untranslated:
         sample = ", ".join(f"{f.protocol} {f.src}:{f.sport} -> {f.dst}:{f.dport}" for f in untranslated[:3])

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from portguard.audit import audit_stream
+from portguard.audit import Scope, audit_stream
 from portguard.backends.bypass import find_bypasses
 from portguard.config import Config
 from portguard.conntrack import ConntrackError, ReadStats, heal
@@ -43,7 +43,8 @@ class EffectWorker:
     def __init__(self, config: Callable[[], Config], metrics: Metrics, log: Logger, *,
                  clock: Callable[[], float] = time.monotonic,
                  heal: Callable[[Config], Result] | None = None,
-                 audit: Callable[[Config], Result] | None = None,
+                 audit: Callable[[Config, Scope], Result] | None = None,
+                 scope: Callable[[], Scope] = Scope,
                  bypasses: Callable[[Config], list[str]] | None = None,
                  after_audit: Callable[[], None] = lambda: None) -> None:
         self._config = config
@@ -52,6 +53,7 @@ class EffectWorker:
         self._clock = clock
         self._heal = heal or _heal
         self._audit = audit or _audit
+        self._scope = scope
         self._bypasses = bypasses or (lambda cfg: find_bypasses(cfg.families))
         self._after_audit = after_audit
         self._wake = threading.Event()
@@ -101,13 +103,14 @@ class EffectWorker:
     def audit_once(self) -> int:
         cfg = self._config()
         try:
-            result = self._audit(cfg)
+            result = self._audit(cfg, self._scope())
         except ConntrackError as exc:
             self._metrics.sync_failures.labels("audit").inc()
             self._log.warning("audit.failed", error=str(exc))
             return self.audit_count
         self._malformed(result)
         count = result.count
+        self._log.debug("audit.completed", flows=count, via=result.via)
         self._metrics.untranslated.set(count)
         if count != self.audit_count and count:
             self._log.warning("audit.untranslated", flows=count, first=list(result.first))
@@ -128,16 +131,18 @@ class EffectWorker:
 CHILD_TIMEOUT = 60.0
 
 
-def _job(kind: str, cfg: Config) -> dict[str, Any]:
+def _job(kind: str, cfg: Config, scope: Scope) -> dict[str, Any]:
     return {"kind": kind, "families": [f.value for f in cfg.families], "protocols": [p.value for p in cfg.protocols],
             "source": [cfg.source_ports.low, cfg.source_ports.high], "target": [cfg.to_ports.low, cfg.to_ports.high],
-            "interfaces": list(cfg.egress_interfaces), "excluded": list(cfg.egress_exclude_interfaces)}
+            "interfaces": list(scope.interfaces), "excluded": list(scope.excluded),
+            "destinations": list(scope.destinations)}
 
 
-def _child(kind: str, cfg: Config) -> dict[str, Any]:
+def _child(kind: str, cfg: Config, scope: Scope = Scope()) -> dict[str, Any]:  # noqa: B008  # a frozen value
     try:
-        proc = subprocess.run([sys.executable, "-P", "-m", "portguard.effects"], input=json.dumps(_job(kind, cfg)),
-                              capture_output=True, text=True, timeout=CHILD_TIMEOUT, check=False)
+        proc = subprocess.run([sys.executable, "-P", "-m", "portguard.effects"],
+                              input=json.dumps(_job(kind, cfg, scope)), capture_output=True, text=True,
+                              timeout=CHILD_TIMEOUT, check=False)
     except subprocess.TimeoutExpired:
         raise ConntrackError(f"conntrack {kind} did not finish within {CHILD_TIMEOUT:.0f} s (killed)") from None
     except OSError as exc:
@@ -160,8 +165,8 @@ def _heal(cfg: Config) -> Result:
     return _result(_child("heal", cfg), "healed")
 
 
-def _audit(cfg: Config) -> Result:
-    return _result(_child("audit", cfg), "count")
+def _audit(cfg: Config, scope: Scope) -> Result:
+    return _result(_child("audit", cfg, scope), "count")
 
 
 def work(job: dict[str, Any]) -> dict[str, Any]:
@@ -174,8 +179,8 @@ def work(job: dict[str, Any]) -> dict[str, Any]:
         if job["kind"] == "heal":
             answer: dict[str, Any] = {"healed": heal(families, protocols, source, target, stats)}
         else:
-            count, first = audit_stream(families, protocols, source=source, target=target,
-                                        interfaces=job["interfaces"], excluded=job["excluded"], stats=stats)
+            scope = Scope(tuple(job["interfaces"]), tuple(job["excluded"]), tuple(job.get("destinations", ())))
+            count, first = audit_stream(families, protocols, source=source, target=target, scope=scope, stats=stats)
             answer = {"count": count, "first": [f"{f.protocol} {f.src}:{f.sport} -> {f.dst}:{f.dport}" for f in first]}
     except ConntrackError as exc:
         answer = {"error": str(exc)}

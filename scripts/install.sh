@@ -28,7 +28,7 @@ prefix=/opt/portguard
 installed_packages() { dpkg-query -W -f='${db:Status-Abbrev} ${Package}\n' | awk '$1 == "ii" {print $2}' | sort; }
 
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends iptables nftables conntrack python3 python3-venv >/dev/null
+apt-get install -y -qq --no-install-recommends iptables nftables conntrack iproute2 python3 python3-venv >/dev/null
 
 # The build of python-iptables needs a C compiler and Python.h; note what was there before adding them.
 added=""

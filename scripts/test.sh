@@ -13,7 +13,7 @@ if [ "$(id -u)" != 0 ]; then exec sudo -E "$0" "$@"; fi
 # gcc and libc6-dev build the tests' static client (tests/pgnet.c).
 packages=(iptables nftables conntrack docker.io busybox-static iproute2 util-linux systemd systemd-container
           python3 python3-venv debootstrap prometheus man-db podman netavark containernetworking-plugins
-          gcc libc6-dev)
+          gcc libc6-dev jq)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

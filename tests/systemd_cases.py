@@ -20,12 +20,12 @@ from typing import Any
 
 import pytest
 from helpers import keep_conntrack_on
-from netns import Netns, wait_for
+from netns import REPO, Netns, wait_for
 from topology import ACL_LOW, AclNetwork
 from userland import SUITES, Booted, Userland
 
 MARKS = [pytest.mark.netns, pytest.mark.platform]
-CONFIG = "[daemon]\naudit_interval = 2.0\n"
+CONFIG = "[daemon]\naudit_interval = 2.0\n[log]\nlevel = \"debug\"\n"  # debug: each audit says it ran
 STUCK = 6  # connections started while nothing translates: their SYNs are dropped by the ACL until healed
 HOLD = """
 import socket, sys
@@ -73,7 +73,8 @@ def _unit(name: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Unit]
         keep_conntrack_on(ns)
         stuck = [ns.popen([sys.executable, "-c", HOLD, "25"], stdout=subprocess.PIPE, text=True)  # type: ignore[call-overload]
                  for _ in range(STUCK)]
-        time.sleep(1.5)  # every SYN sent and dropped at least once
+        assert wait_for(lambda: ns.run(["conntrack", "-L", "-p", "tcp", "--dport", "8080", "--state", "SYN_SENT"],
+                                       check=False).stdout.count("\n") >= STUCK, 10)  # every SYN sent, dropped
         box = Booted(ul, ns, tmp_path_factory.mktemp(f"systemd-{name}") / "nspawn.log")
         box.systemctl("enable", "--now", "portguard.service")  # what install.sh runs where systemd is up
         yield Unit(ul, ns, acl, box, stuck)
@@ -99,8 +100,9 @@ def test_start_reaches_ready_and_heals_the_connections_stuck_before_it(unit: Uni
 
 
 def test_the_audit_runs_inside_the_sandbox_and_nothing_fails(unit: Unit) -> None:
-    """With audit_interval = 2 s, several audits have run in the sandbox by now: no `*_failed` event at all."""
-    time.sleep(5)
+    """With audit_interval = 2 s, audits run in the sandbox (each says so at debug level), and no `*_failed` event
+    comes at all."""
+    assert wait_for(lambda: len(unit.named("audit.completed")) >= 2, 15), unit.events()[-20:]
     failed = [m for m in unit.events() if '_failed"' in m]
     assert failed == [], failed
     assert unit.acl.connect() and unit.acl.ports[-1] >= ACL_LOW
@@ -155,6 +157,19 @@ def test_stop_leaves_the_standby_translating(unit: Unit) -> None:
     assert unit.box.run(["/opt/portguard/bin/portguard", "check"]).returncode == 0
 
 
+def test_the_readme_uninstall_leaves_nothing(unit: Unit) -> None:
+    """The README's uninstall lines, as written (sudo aside), under systemd: no unit, no tables, no files."""
+    readme = (REPO / "README.md").read_text().split("\n## Uninstall\n", 1)[1].split("\n## ", 1)[0]
+    script = "\n".join(ln.strip().removeprefix("sudo ") for ln in readme.splitlines() if ln.startswith("    "))
+    unit.box.run(["bash", "-ec", script.replace("\\\n", " ")])
+    assert "could not be found" in unit.box.systemctl("status", "portguard", check=False).stderr
+    left = unit.box.run(["sh", "-c", "ls -d /opt/portguard /usr/local/bin/portguard /etc/portguard "
+                                     "/etc/systemd/system/portguard.service /usr/local/share/man/man1/portguard.1 "
+                                     "/usr/share/*/*/*portguard* 2>/dev/null || true"]).stdout
+    assert left == "", left
+    assert unit.box.run(["nft", "list", "tables"]).stdout.count("portguard") == 0
+
+
 # The cases every userland runs, in this order (a test module binds them: run_cases()).
 CASES = (
     test_start_reaches_ready_and_heals_the_connections_stuck_before_it,
@@ -163,4 +178,5 @@ CASES = (
     test_reload_applies_a_changed_config_and_refuses_a_broken_one,
     test_the_watchdog_holds,
     test_stop_leaves_the_standby_translating,
+    test_the_readme_uninstall_leaves_nothing,
 )

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 
-from netns import Netns
+from netns import Netns, wait_for
 
 from portguard.demo import CLIENT
 
@@ -117,7 +117,12 @@ class AclNetwork:
         space = via or self.near
         argv = [sys.executable, "-c", BOUND_CLIENT, server, str(port), str(timeout), source] if source else [
             sys.executable, "-c", CLIENT, server, str(port), str(timeout)]
-        return space.run(argv, check=False, timeout=timeout + 10).returncode == 0
+        seen = len(self.peers) + len(self.open_peers)
+        ok = space.run(argv, check=False, timeout=timeout + 10).returncode == 0
+        if ok:
+            # The server's line about it is read on another thread: a caller looks at peers right after.
+            wait_for(lambda: len(self.peers) + len(self.open_peers) > seen, 5)
+        return ok
 
     def close(self) -> None:
         if self.inner is not None:

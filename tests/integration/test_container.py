@@ -24,7 +24,7 @@ from netns import REPO, Netns, wait_for
 from topology import ACL_LOW, SERVER_IP, AclNetwork
 
 pytestmark = [pytest.mark.netns, pytest.mark.docker]
-BASE_PACKAGES = "python3,python3-venv,iptables,nftables,conntrack"
+BASE_PACKAGES = "python3,python3-venv,iptables,nftables,conntrack,iproute2"
 RUN_FLAGS = ["--network", "host", "--cap-drop", "ALL", "--cap-add", "NET_ADMIN", "--cap-add", "NET_RAW",
              "--restart", "unless-stopped"]
 
@@ -88,7 +88,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Netns, Doc
         engine.docker("import", str(_base_tar()), "pg-debian:bookworm", timeout=600)
         engine.docker("import", str(busybox_tar(work)), IMAGE)
         out = engine.docker("build", "-t", "portguard:test", "--build-arg", "BASE=pg-debian:bookworm",
-                            "--build-arg", "APT_PACKAGES=", "--build-arg",
+                            "--build-arg", "APT_PACKAGES=", "--build-arg", "BUILD_PACKAGES=", "--build-arg",
                             "PIP_ARGS=--no-index --find-links /src/wheels", str(_context(work)),
                             env={"DOCKER_BUILDKIT": "0"}, timeout=900, check=False)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 from helpers import apply, keep_conntrack_on
@@ -63,8 +62,9 @@ def test_a_heal_deletes_exactly_the_stuck_untranslated_entries_over_ctnetlink(ns
         assert (answer["healed"], answer["via"], answer["malformed"]) == (12, "ctnetlink", 0), answer
         assert [ln.split()[:5] for ln in _entries(ns, OPEN_PORT)] == [ln.split()[:5] for ln in before_answered]
         assert [ln.split()[:7] for ln in _entries(ns, BLACKHOLE)] == [ln.split()[:7] for ln in before_translated]
-        time.sleep(2.5)  # the next SYN retransmission of each healed connection is translated and accepted
-        assert len(acl.ports) >= 12 and min(acl.ports) >= ACL_LOW, acl.ports
+        # the next SYN retransmission of each healed connection is translated and accepted
+        assert wait_for(lambda: len(acl.ports) >= 12, 20), acl.ports
+        assert min(acl.ports) >= ACL_LOW, acl.ports
         for proc in (stuck, answered, translated):
             proc.kill()
     finally:

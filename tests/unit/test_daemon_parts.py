@@ -175,7 +175,7 @@ def test_effect_worker_coalesces_heal_requests_and_survives_conntrack_failures()
 
     metrics = Metrics()
     worker = EffectWorker(lambda: Config(daemon_audit_interval=3600), metrics, LOG, heal=heal,
-                          audit=lambda _c: Result(0), bypasses=lambda _c: [])
+                          audit=lambda _c, _s: Result(0), bypasses=lambda _c: [])
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,))
     thread.start()

@@ -126,3 +126,18 @@ def test_a_recorded_inventory_reads_back_the_same_and_drops_what_does_not_parse(
     assert part is not None and [(n.name, n.subnets, n.host_ipv4) for n in part.networks] == [
         ("y", ("10.2.0.0/16",), None)]
     assert part.marks == ((0x4000, 0x4000),)
+
+
+def test_the_audit_leaves_out_what_the_rules_leave_alone() -> None:
+    """The audit's scope comes from the rules in force: every runtime's bridge and every excluded destination is
+    out of it (the host talking to a pod through cni0 keeps its low port on purpose), the egress is in."""
+    from portguard.audit import Scope
+    from portguard.config import Config
+    from portguard.desired import desired_rules
+
+    cni = Part((Network("cni", "cbr0", "cni0", ("10.244.1.0/24",), False),))
+    cfg = Config(egress_exclude_destinations=("192.0.2.0/24",))
+    scope = Scope.of(cfg, desired_rules(cfg, Inventory.of({"cni": cni})))
+    assert not scope.covers("cni0", "10.244.1.5") and not scope.covers("docker0", "172.17.0.2")
+    assert not scope.covers("eth0", "192.0.2.10") and scope.covers("eth0", "198.51.100.2")
+    assert not scope.covers(None, "198.51.100.2")

@@ -58,8 +58,8 @@ def test_a_dormant_standby_is_repaired_by_the_daemon(ns: Netns, tmp_path: Path) 
 
 @pytest.mark.parametrize("how", ["nft", "iptables-nft", "iptables-legacy"])
 def test_notrack_bypass_is_reported_by_check_and_doctor(ns: Netns, how: str) -> None:
-    """A notrack rule before conntrack (raw priority) makes matched connections skip NAT: check exits 1 with a
-    'bypass:' line, doctor names it as a risk; neither touches it."""
+    """A notrack rule before conntrack (raw priority) makes matched connections skip NAT: check and apply exit 1
+    with a 'bypass:' line, doctor names it as a risk; none touches it."""
     apply(ns, "nftables")
     if how == "nft":
         ns.nft("add table ip raw2; add chain ip raw2 out { type filter hook output priority raw; }; "
@@ -69,6 +69,8 @@ def test_notrack_bypass_is_reported_by_check_and_doctor(ns: Netns, how: str) -> 
     before = ns.nft("list", "ruleset")
     proc = ns.portguard("check", "--backend", "nftables")
     assert proc.returncode == 1 and "bypass:" in proc.stdout and "notrack skips NAT" in proc.stdout, proc.stdout
+    applied = ns.portguard("apply", "--backend", "nftables")  # the README: 1, something it must not touch
+    assert applied.returncode == 1 and "notrack skips NAT" in applied.stdout, applied.stdout
     doctor = ns.portguard("doctor", env=NO_DOCKER)
     assert doctor.returncode == 1 and "RISK bypass" in doctor.stdout, doctor.stdout
     assert ns.nft("list", "ruleset") == before

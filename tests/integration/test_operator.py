@@ -4,6 +4,7 @@ journald priorities, each checked against the real program (and, for the tables,
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -112,6 +113,25 @@ def test_every_json_document_parses_and_has_its_documented_shape(ns: Netns) -> N
     assert code == 0 and doc["removed"] == 2
     proc = ns.portguard("check", "--json", "--backend", "pf")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    error = proc.stderr.split("error: ", 1)[1].strip()
+    assert json.loads(proc.stdout) == {"command": "check", "exit": 2, "error": error}
+
+
+def test_the_cli_takes_what_the_readme_promises(tmp_path: Path) -> None:
+    """--version after a subcommand too; PORTGUARD_IMAGE (the Swarm stack's variable) is no setting; install-systemd
+    without --exec writes the portguard that runs it (here: this Python, -m portguard)."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PORTGUARD_")}, "PORTGUARD_CONFIG": "/dev/null"}
+    version = subprocess.run([*PORTGUARD, "render", "--version"], capture_output=True, text=True, env=env, check=False)
+    assert version.returncode == 0 and version.stdout.startswith("portguard "), version.stderr
+    image = subprocess.run([*PORTGUARD, "render", "--backend", "nftables"], capture_output=True, text=True,
+                           env={**env, "PORTGUARD_IMAGE": "registry.example/portguard:1"}, check=False)
+    assert image.returncode == 0 and "table inet portguard" in image.stdout, image.stderr
+    unit = subprocess.run([*PORTGUARD, "install-systemd", "--root", str(tmp_path)], capture_output=True, text=True,
+                          env=env, check=False)
+    assert unit.returncode == 0, unit.stderr
+    text = (tmp_path / "etc/systemd/system/portguard.service").read_text()
+    assert f"ExecStart={sys.executable} -m portguard run" in text
+    assert f"ExecReload={sys.executable} -m portguard reload" in text
 
 
 @pytest.mark.netns

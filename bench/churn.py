@@ -22,9 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from daemonproc import PortguardDaemon, scrape
-from dockerhost import IMAGE, DockerEngine, busybox_tar
-from netns import Netns
-from topology import AclNetwork
+from dockerhost import IMAGE, docker_lab
 
 
 def cpu_seconds(pid: int) -> float:
@@ -62,28 +60,24 @@ def main() -> None:
     if args.source:
         env["PYTHONPATH"] = str(args.source.resolve())
     work = Path(tempfile.mkdtemp(prefix="pg-churn-"))
-    ns = Netns("pgchurn")
-    acl = AclNetwork(ns, low_ports=False)
-    engine = DockerEngine(ns)
-    daemon: PortguardDaemon | None = None
-    try:
-        engine.start()
-        engine.docker("import", str(busybox_tar(work)), IMAGE)
+    with docker_lab("pgchurn", work) as lab:
+        engine = lab.engine
         engine.docker("network", "create", "--subnet", "10.70.0.0/24", "pgchurn")
         # The periodic effect audit (a child reading conntrack every minute) is not what containers cost: off here.
         config = work / "pg.toml"
         config.write_text("[daemon]\naudit_interval = 3600\n")
-        daemon = PortguardDaemon(ns, work, "--backend", args.backend, "--config", str(config),
+        daemon = PortguardDaemon(lab.ns, work, "--backend", args.backend, "--config", str(config),
                                  env={**env, "DOCKER_HOST": engine.host})
+        lab.stack.callback(daemon.close)
         assert daemon.wait_note("READY=1"), daemon.log_path.read_text()
         time.sleep(6)  # start-up done: Docker connected, its re-checks at 1, 2 and 4 s over
         wall0, cpu0 = time.monotonic(), cpu_seconds(daemon.proc.pid)
-        count0, buckets0 = histogram(scrape(ns, "/metrics")[1])
+        count0, buckets0 = histogram(scrape(lab.ns, "/metrics")[1])
         for _ in range(args.runs):
             engine.docker("run", "--rm", "--network", "pgchurn", IMAGE, "true")
         took = time.monotonic() - wall0
         cpu1 = cpu_seconds(daemon.proc.pid)
-        count1, buckets1 = histogram(scrape(ns, "/metrics")[1])
+        count1, buckets1 = histogram(scrape(lab.ns, "/metrics")[1])
         time.sleep(took)  # the same daemon, idle, as long
         cpu2 = cpu_seconds(daemon.proc.pid)
         per = (cpu1 - cpu0) / args.runs * 1000
@@ -95,13 +89,6 @@ def main() -> None:
               f"in as long: {per - idle:.2f} ms caused by the containers)")
         print(f"syncs during the runs: {count1 - count0:.0f} (p50 {quantile(0.5, buckets0, buckets1)}, "
               f"p99 {quantile(0.99, buckets0, buckets1)})")
-    finally:
-        if daemon is not None:
-            daemon.close()
-        engine.close()
-        acl.close()
-        ns.close()
-
 
 if __name__ == "__main__":
     main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import os
@@ -10,11 +11,14 @@ import signal
 import subprocess
 import tarfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from netns import Netns, wait_for
+from topology import AclNetwork
 
-__all__ = ["IMAGE", "DockerEngine", "busybox_tar"]
+__all__ = ["IMAGE", "DockerEngine", "DockerLab", "busybox_tar", "docker_lab"]
 
 IMAGE = "pg-busybox:latest"
 PR_SET_CHILD_SUBREAPER = 36
@@ -122,6 +126,33 @@ class DockerEngine:
             _kill_pidfile(pidfile)
         subprocess.run(["umount", "-R", str(self.root / "data")], capture_output=True, check=False)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@dataclass
+class DockerLab:
+    """A test namespace behind the ACL, its running dockerd holding the busybox image, and the stack that takes them
+    down: ``stack.callback(daemon.close)`` makes a daemon go first."""
+
+    ns: Netns
+    acl: AclNetwork
+    engine: DockerEngine
+    stack: contextlib.ExitStack
+
+
+@contextlib.contextmanager
+def docker_lab(name: str, work: Path, *, low_ports: bool = False) -> Iterator[DockerLab]:
+    """Make a DockerLab (``low_ports``: the host's own connections come from 32768-40000, see AclNetwork); remove all
+    of it, in reverse, however the block ends."""
+    with contextlib.ExitStack() as stack:
+        ns = Netns(name)
+        stack.callback(ns.close)
+        acl = AclNetwork(ns, low_ports=low_ports)
+        stack.callback(acl.close)
+        engine = DockerEngine(ns)
+        stack.callback(engine.close)
+        engine.start()
+        engine.docker("import", str(busybox_tar(work)), IMAGE)
+        yield DockerLab(ns, acl, engine, stack)
 
 
 def _kill_pidfile(pidfile: Path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from daemonproc import PortguardDaemon
-from dockerhost import IMAGE, DockerEngine, busybox_tar
+from dockerhost import IMAGE, DockerEngine, docker_lab
 from helpers import NFT_RULES, XT_V4_LINES, bystander_nft, bystander_setup, bystander_snapshot, delete_rule, owned_lines
 from netns import Netns, wait_for
 from topology import ACL_LOW, SERVER_IP, AclNetwork
@@ -72,30 +72,18 @@ class Env:
 @pytest.fixture(scope="module", params=["nftables", "iptables-nft"])
 def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     workdir = tmp_path_factory.mktemp("docker")
-    ns = Netns("pgdk")
-    acl = AclNetwork(ns, low_ports=False)
-    engine = DockerEngine(ns)
-    daemon: PortguardDaemon | None = None
-    try:
+    with docker_lab("pgdk", workdir) as lab:
+        ns, engine = lab.ns, lab.engine
         # A ruleset saved before portguard ever ran (Docker's own rules), for the restore fault.
-        engine.start()
-        engine.docker("import", str(busybox_tar(workdir)), IMAGE)
         pre = ns.run(["iptables-nft-save"]).stdout
         engine.stop()
         # Bystanders where the destructive faults (nft-flavour flushes, restores) don't reach.
         bystander_setup(ns, seed_copy=False, flavours=LEGACY)
-        e = Env(ns, acl, engine, request.param, workdir, pre, daemon=None)  # type: ignore[arg-type]
+        e = Env(ns, lab.acl, engine, request.param, workdir, pre, daemon=None)  # type: ignore[arg-type]
+        lab.stack.callback(lambda: e.daemon is not None and e.daemon.close())  # the one running at the end
         e.start_portguard()  # portguard first, dockerd after it
-        daemon = e.daemon
         engine.start()
         yield e
-        daemon = e.daemon
-    finally:
-        if daemon is not None:
-            daemon.close()
-        engine.close()
-        acl.close()
-        ns.close()
 
 
 def test_portguard_started_before_dockerd(env: Env) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 from daemonproc import PortguardDaemon
-from dockerhost import IMAGE, DockerEngine, busybox_tar
+from dockerhost import IMAGE, DockerEngine, docker_lab
 from netns import Netns, wait_for
 from topology import ACL_LOW, NEAR_IP, OPEN_PORT, SECONDARY_IP, SERVER_IP, AclNetwork
 
@@ -47,23 +47,12 @@ class Host:
 @pytest.fixture(scope="module", params=["nftables", "iptables-nft"])
 def host(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
     work = tmp_path_factory.mktemp("dnets")
-    ns = Netns("pgdn")
-    acl = AclNetwork(ns, low_ports=False)
-    acl.far.run(["ip", "route", "add", NOMASQ_SUBNET, "via", NEAR_IP])  # replies to un-NATed containers
-    engine = DockerEngine(ns)
-    daemon: PortguardDaemon | None = None
-    try:
-        engine.start()
-        engine.docker("import", str(busybox_tar(work)), IMAGE)
-        daemon = PortguardDaemon(ns, work, "--backend", request.param, env={"DOCKER_HOST": engine.host})
+    with docker_lab("pgdn", work) as lab:
+        lab.acl.far.run(["ip", "route", "add", NOMASQ_SUBNET, "via", NEAR_IP])  # replies to un-NATed containers
+        daemon = PortguardDaemon(lab.ns, work, "--backend", request.param, env={"DOCKER_HOST": lab.engine.host})
+        lab.stack.callback(daemon.close)
         assert daemon.wait_note("READY=1"), daemon.log_path.read_text()
-        yield Host(ns, acl, engine, request.param, daemon)
-    finally:
-        if daemon is not None:
-            daemon.close()
-        engine.close()
-        acl.close()
-        ns.close()
+        yield Host(lab.ns, lab.acl, lab.engine, request.param, daemon)
 
 
 def test_default_network_is_masqueraded_with_a_high_port(host: Host) -> None:

@@ -12,8 +12,10 @@ p99 from its histogram), and the same daemon's idle CPU over as long for compari
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -60,6 +62,7 @@ def main() -> None:
     if args.source:
         env["PYTHONPATH"] = str(args.source.resolve())
     work = Path(tempfile.mkdtemp(prefix="pg-churn-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # the daemon's log goes with it
     with docker_lab("pgchurn", work) as lab:
         engine = lab.engine
         engine.docker("network", "create", "--subnet", "10.70.0.0/24", "pgchurn")

@@ -11,6 +11,8 @@ iptables-legacy: the fighter flushes the PORTGUARD chain.
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,6 +36,7 @@ FIGHTERS = {
 
 def fight(backend: str, seconds: float) -> dict[str, object]:
     work = Path(tempfile.mkdtemp(prefix="pg-fight-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # the daemon's log goes with it
     ns = Netns("pgfight")
     acl = AclNetwork(ns)
     d = PortguardDaemon(ns, work, "--backend", backend, env={"DOCKER_HOST": "unix:///nonexistent",

@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import sys
 import tempfile
 import time
@@ -25,7 +27,9 @@ def idle(backend: str, seconds: float, source: Path | None = None) -> dict[str, 
     d: PortguardDaemon | None = None
     try:
         engine.start()
-        d = PortguardDaemon(ns, Path(tempfile.mkdtemp(prefix="pg-idle-")), "--backend", backend,
+        work = Path(tempfile.mkdtemp(prefix="pg-idle-"))
+        atexit.register(shutil.rmtree, work, ignore_errors=True)  # the daemon's log goes with it
+        d = PortguardDaemon(ns, work, "--backend", backend,
                             env={"DOCKER_HOST": engine.host, "PORTGUARD_LOG_LEVEL": "info",
                                  **({"PYTHONPATH": str(source.resolve())} if source else {})})
         assert d.wait_note("READY=1"), d.log_path.read_text()

@@ -10,7 +10,9 @@ Fault mix (in turn): nat flush, deletion of portguard's rule, deletion of its ta
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,6 +98,7 @@ def _fault(ns: Netns, engine: DockerEngine, backend: str, kind: str, n: int) -> 
 
 def soak(backend: str, minutes: float) -> dict[str, object]:
     work = Path(tempfile.mkdtemp(prefix="pg-soak-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # the daemon's log goes with it
     ns = Netns("pgsoak")
     acl = AclNetwork(ns)  # host connections from low ports (32768-40000), ACL rejects them unless translated
     engine = DockerEngine(ns)

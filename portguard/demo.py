@@ -24,7 +24,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["run_demo"]
+__all__ = ["run_demo", "unmount_below"]
 
 SERVER_IP, HOST_IP, PORT, ACL_LOW = "198.51.100.2", "198.51.100.1", 8080, 49152
 IMAGE = "portguard-demo-busybox:latest"
@@ -166,7 +166,7 @@ class Lab:
                     proc.wait(5)
         with suppress(OSError, ValueError):
             os.kill(int((self.tmp / "exec" / "containerd" / "containerd.pid").read_text()), signal.SIGTERM)
-        subprocess.run(["umount", "-R", str(self.tmp / "data")], capture_output=True, check=False)
+        unmount_below(self.tmp)
         for name in (self.host, self.remote):
             # What the demo's portguard recorded for its namespace goes too, while the namespace still holds its
             # inode (a later namespace may get the same one).
@@ -174,6 +174,24 @@ class Lab:
                 shutil.rmtree(f"/run/portguard/net-{os.stat(f'/var/run/netns/{name}').st_ino}", ignore_errors=True)
             subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def unmount_below(root: Path) -> None:
+    """Detach every mount at or below ``root``, deepest first.
+
+    dockerd (20.10 to 28) leaves two kinds behind when it exits: its image layers' overlay mounts under the
+    data-root, and a bind mount of its network namespace at ``<exec-root>/netns/default`` - which keeps that
+    namespace, its interfaces and its rules alive after `ip netns del`.
+    """
+    prefix = str(root.resolve()).rstrip("/")
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return
+    # The fifth field is the mount point, with space, tab, newline and backslash octal-escaped.
+    points = {ln.split()[4] for ln in lines if len(ln.split()) > 4}
+    for point in sorted((p for p in points if p == prefix or p.startswith(prefix + "/")), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
 
 
 @contextmanager

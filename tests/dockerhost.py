@@ -18,6 +18,8 @@ from pathlib import Path
 from netns import Netns, wait_for
 from topology import AclNetwork
 
+from portguard.demo import unmount_below
+
 __all__ = ["IMAGE", "DockerEngine", "DockerLab", "busybox_tar", "docker_lab"]
 
 IMAGE = "pg-busybox:latest"
@@ -124,7 +126,7 @@ class DockerEngine:
             self.stop(signal.SIGTERM)
         for pidfile in (self.root / "exec").glob("containerd/containerd.pid"):
             _kill_pidfile(pidfile)
-        subprocess.run(["umount", "-R", str(self.root / "data")], capture_output=True, check=False)
+        unmount_below(self.root)
         shutil.rmtree(self.root, ignore_errors=True)
 
 

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from netns import wait_for
@@ -17,6 +18,12 @@ pytestmark = [pytest.mark.netns, pytest.mark.docker]
 def _demo_namespaces() -> list[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     return [line.split()[0] for line in out.splitlines() if line.startswith("pgdemo-")]
+
+
+def _demo_mounts() -> list[str]:
+    """Mounts below a demo's directory: dockerd's overlays and the bind mount that would keep its namespace alive."""
+    lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    return [ln.split()[4] for ln in lines if "/portguard-demo-" in ln.split()[4]]
 
 
 def _own_namespace_rules() -> str:
@@ -41,7 +48,7 @@ def test_demo_shows_failure_shadowing_and_repair_with_a_real_dockerd() -> None:
     assert all(r["source_port"] >= 49152 for r in rows if r["result"] == "passes ACL"), rows
     assert rows[4]["note"] == "not affected (own table)", rows
     assert rows[5]["note"] == "not affected (the kernel keeps the table of `portguard run`)", rows
-    assert _demo_namespaces() == []
+    assert _demo_namespaces() == [] and _demo_mounts() == []
     assert _own_namespace_rules() == own_before
 
 
@@ -57,4 +64,4 @@ def test_demo_cleans_up_when_interrupted() -> None:
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, out
     assert "interrupted: namespaces removed" in out
-    assert _demo_namespaces() == []
+    assert _demo_namespaces() == [] and _demo_mounts() == []

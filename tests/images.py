@@ -9,18 +9,21 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+from userland import CACHE
+
 __all__ = ["PGNET_IMAGE", "pgnet_binary", "pgnet_tar"]
 
 HERE = Path(__file__).resolve().parent
 PGNET_IMAGE = "localhost/pg-pgnet:latest"
 
 
-def pgnet_binary(cache: Path = Path("/var/tmp")) -> Path:
+def pgnet_binary(cache: Path = CACHE) -> Path:
     """The static binary, built once per source version (gcc -static; glibc's static libc from libc6-dev)."""
     source = HERE / "pgnet.c"
     key = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
-    binary = cache / f"portguard-test-pgnet-{key}"
-    with (cache / "portguard-test-pgnet.lock").open("w") as lock:
+    binary = cache / f"pgnet-{key}"
+    cache.mkdir(parents=True, exist_ok=True)
+    with (cache / "pgnet.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not binary.exists():
             partial = binary.with_suffix(".partial")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import pytest
 from dockerhost import IMAGE, DockerEngine, busybox_tar
 from netns import REPO, Netns, wait_for
 from topology import ACL_LOW, SERVER_IP, AclNetwork
+from userland import CACHE, debian_mirror
 
 pytestmark = [pytest.mark.netns, pytest.mark.docker]
 BASE_PACKAGES = "python3,python3-venv,iptables,nftables,conntrack,iproute2"
@@ -29,27 +29,19 @@ RUN_FLAGS = ["--network", "host", "--cap-drop", "ALL", "--cap-add", "NET_ADMIN",
              "--restart", "unless-stopped"]
 
 
-def _mirror() -> str:
-    """The Debian mirror this machine's apt already uses."""
-    for path in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]:
-        text = path.read_text() if path.is_file() else ""
-        found = re.search(r"^URIs:\s*(\S+/debian)\s*$", text, re.M) or re.search(
-            r"^deb\s+(?:\[[^]]*\]\s+)?(\S+/debian)\s+bookworm", text, re.M)
-        if found:
-            return found.group(1)
-    raise AssertionError("no Debian mirror in /etc/apt sources")
-
-
 def _base_tar() -> Path:
     """A minbase bookworm root file system with python3 and the firewall tools, cached between runs."""
     key = hashlib.sha256(BASE_PACKAGES.encode()).hexdigest()[:12]
-    tar = Path(f"/var/tmp/portguard-test-base-{key}.tar")
+    tar = CACHE / f"container-base-{key}.tar"
     if tar.exists():
         return tar
-    root = Path(f"/var/tmp/portguard-test-base-{key}")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    for stale in CACHE.glob("container-base-*"):
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    root = CACHE / f"container-base-{key}"
     shutil.rmtree(root, ignore_errors=True)
     proc = subprocess.run(["debootstrap", "--variant=minbase", f"--include={BASE_PACKAGES}", "bookworm", str(root),
-                           _mirror()], capture_output=True, text=True, timeout=900, check=False)
+                           debian_mirror()], capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     partial = tar.with_suffix(".partial")
     subprocess.run(["tar", "-C", str(root), "-cf", str(partial), "."], check=True, timeout=300)

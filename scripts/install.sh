@@ -27,15 +27,24 @@ prefix=/opt/portguard
 
 installed_packages() { dpkg-query -W -f='${db:Status-Abbrev} ${Package}\n' | awk '$1 == "ii" {print $2}' | sort; }
 
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends iptables nftables conntrack iproute2 python3 python3-venv >/dev/null
+# apt only when something is missing: a re-install (an upgrade) needs no package index.
+needed=(iptables nftables conntrack iproute2 python3 python3-venv)
+missing=$(comm -13 <(installed_packages) <(printf '%s\n' "${needed[@]}" | sort) | tr '\n' ' ')
+if [ -n "$missing" ]; then
+    apt-get update -qq
+    # shellcheck disable=SC2086  # a list of package names
+    apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
 
-# The build of python-iptables needs a C compiler and Python.h; note what was there before adding them.
+# The build of python-iptables needs a C compiler and Python.h, unless a previous install already built it; note
+# what was there before adding them.
 added=""
-if ! command -v gcc >/dev/null || ! python3 -I -c 'import os, sysconfig
-raise SystemExit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
+if ! "$prefix/bin/python" -I -c 'import importlib.metadata as m; m.version("python-iptables")' 2>/dev/null \
+    && { ! command -v gcc >/dev/null || ! python3 -I -c 'import os, sysconfig
+raise SystemExit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; }; then
     before=$(installed_packages)
     echo "install.sh: installing a C compiler and the Python headers to build python-iptables (removed afterwards)"
+    apt-get update -qq
     apt-get install -y -qq --no-install-recommends gcc libc6-dev python3-dev >/dev/null
     added=$(comm -13 <(echo "$before") <(installed_packages) | tr '\n' ' ')
 fi
@@ -70,7 +79,7 @@ if [ -d /run/systemd/system ]; then
     systemctl enable portguard.service
     systemctl restart portguard.service  # a re-install runs the new version (the standby bridges the restart)
     systemctl --no-pager --lines=5 status portguard.service || true
+    "$prefix/bin/portguard" check || true
 else
     echo "systemd is not running here: start it with  $prefix/bin/portguard run" >&2
 fi
-"$prefix/bin/portguard" check || true

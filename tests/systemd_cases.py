@@ -3,10 +3,10 @@ the userland's own systemd (Debian 12's 252 and 13's 257, booted with systemd-ns
 in a test network namespace; unstable's 262 refuses this machine's hybrid cgroup hierarchy and is not booted).
 
 The project is installed by its own ``scripts/install.sh`` (in this machine's network namespace: the test
-namespace has no route to the registry), then the userland boots and ``systemctl enable --now portguard`` runs
-what install.sh runs where systemd is up.  Everything the unit's hardening could forbid is exercised inside it:
-READY=1, reload (``ExecReload`` without /bin/kill), the watchdog, journald priorities, conntrack healing and the
-effect audit in their niced child, and stop.
+namespace has no route to the registry), then the userland boots and install.sh runs again inside it, offline,
+where systemd is up: daemon-reload, enable, restart, status and check.  Everything the unit's hardening could
+forbid is exercised inside it: READY=1, reload (``ExecReload`` without /bin/kill), the watchdog, journald
+priorities, conntrack healing and the effect audit in their niced child, and stop.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,10 +23,11 @@ import pytest
 from helpers import keep_conntrack_on
 from netns import REPO, Netns, wait_for
 from topology import ACL_LOW, AclNetwork
-from userland import SUITES, Booted, Userland
+from userland import ENV, SUITES, Booted, Userland
 
 MARKS = [pytest.mark.netns, pytest.mark.platform]
 CONFIG = "[daemon]\naudit_interval = 2.0\n[log]\nlevel = \"debug\"\n"  # debug: each audit says it ran
+WHEELHOUSE = "/root/wheelhouse"
 STUCK = 6  # connections started while nothing translates: their SYNs are dropped by the ACL until healed
 HOLD = """
 import socket, sys
@@ -41,6 +43,7 @@ class Unit:
     acl: AclNetwork
     box: Booted
     stuck: list[subprocess.Popen[str]]
+    install: subprocess.CompletedProcess[str]
 
     def events(self, *journal_args: str) -> list[str]:
         return [e.get("MESSAGE", "") for e in self.box.journal(*journal_args)]
@@ -65,19 +68,28 @@ def _unit(name: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Unit]
     ns = Netns("pgsd")
     acl: AclNetwork | None = None
     try:
-        ul.install_portguard()
+        ul.install_portguard()  # systemd is not up yet: the unit is written, not started
+        # The booted box's network reaches no package index: a wheelhouse of what building portguard needs (its
+        # build-system requirements), fetched from here, serves the re-install inside it.
+        requires = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]["requires"]
+        ul.run(["/opt/portguard/bin/pip", "download", "--quiet", "--disable-pip-version-check", "-d", WHEELHOUSE,
+                *requires], timeout=300)
         ul.put({"/etc/portguard/portguard.toml": CONFIG.encode()})
         # A stateless ACL that drops (not rejects) low source ports: SYNs sent before portguard runs stay
         # unanswered, their conntrack entries stuck in SYN_SENT with the untranslated port.
         acl = AclNetwork(ns, action="DROP")
         keep_conntrack_on(ns)
-        stuck = [ns.popen([sys.executable, "-c", HOLD, "25"], stdout=subprocess.PIPE, text=True)  # type: ignore[call-overload]
+        box = Booted(ul, ns, tmp_path_factory.mktemp(f"systemd-{name}") / "nspawn.log")
+        stuck = [ns.popen([sys.executable, "-c", HOLD, "60"], stdout=subprocess.PIPE, text=True)  # type: ignore[call-overload]
                  for _ in range(STUCK)]
         assert wait_for(lambda: ns.run(["conntrack", "-L", "-p", "tcp", "--dport", "8080", "--state", "SYN_SENT"],
                                        check=False).stdout.count("\n") >= STUCK, 10)  # every SYN sent, dropped
-        box = Booted(ul, ns, tmp_path_factory.mktemp(f"systemd-{name}") / "nspawn.log")
-        box.systemctl("enable", "--now", "portguard.service")  # what install.sh runs where systemd is up
-        yield Unit(ul, ns, acl, box, stuck)
+        # install.sh again, now that systemd is up (what an upgrade runs): daemon-reload, enable, restart, status,
+        # check - offline (nothing missing, python-iptables already built; pip takes the wheelhouse).
+        variables = [f"{k}={v}" for k, v in ENV.items()]
+        install = box.run(["env", "-i", *variables, "PIP_NO_INDEX=1", f"PIP_FIND_LINKS={WHEELHOUSE}", "bash", "-c",
+                           "cd /root/portguard && ./scripts/install.sh"], check=False, timeout=300)
+        yield Unit(ul, ns, acl, box, stuck, install)
         box.poweroff()
     finally:
         if acl is not None:
@@ -86,14 +98,19 @@ def _unit(name: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Unit]
         ul.close()
 
 
-def test_start_reaches_ready_and_heals_the_connections_stuck_before_it(unit: Unit) -> None:
-    """`systemctl enable --now` returns once READY=1 came: active (running); the start's install deletes the stuck
-    untranslated SYN_SENT entries from inside the sandbox (the niced child is allowed setpriority), so the
-    connections made before portguard ran complete with a translated port."""
+def test_install_with_systemd_up_starts_it_and_heals_the_connections_stuck_before_it(unit: Unit) -> None:
+    """scripts/install.sh where systemd runs, to its end: `systemctl restart` returns once READY=1 came (active,
+    running, Type=notify), its own `check` says healthy; the start's install deletes the stuck untranslated
+    SYN_SENT entries from inside the sandbox (the niced child is allowed setpriority), so the connections made
+    before portguard ran complete with a translated port."""
+    assert unit.install.returncode == 0, unit.install.stdout[-3000:] + unit.install.stderr[-3000:]
+    assert "active (running)" in unit.install.stdout and "\nhealthy: " in unit.install.stdout, unit.install.stdout
+    assert "installing a C compiler" not in unit.install.stdout + unit.install.stderr
+    assert "enabled" in unit.box.systemctl("is-enabled", "portguard").stdout
     state = unit.box.systemctl("show", "-p", "ActiveState", "-p", "SubState", "-p", "Type", "portguard").stdout
     assert "ActiveState=active" in state and "SubState=running" in state and "Type=notify" in state, state
     for proc in unit.stuck:
-        out, _ = proc.communicate(timeout=40)
+        out, _ = proc.communicate(timeout=70)
         assert proc.returncode == 0 and out.strip() == "200", (out, unit.events()[-20:])
     assert unit.acl.ports and min(unit.acl.ports[-STUCK:]) >= ACL_LOW, unit.acl.ports
     assert wait_for(lambda: unit.named("conntrack.healed"), 10), unit.events()[-20:]
@@ -172,7 +189,7 @@ def test_the_readme_uninstall_leaves_nothing(unit: Unit) -> None:
 
 # The cases every userland runs, in this order (a test module binds them: run_cases()).
 CASES = (
-    test_start_reaches_ready_and_heals_the_connections_stuck_before_it,
+    test_install_with_systemd_up_starts_it_and_heals_the_connections_stuck_before_it,
     test_the_audit_runs_inside_the_sandbox_and_nothing_fails,
     test_journal_carries_syslog_priorities,
     test_reload_applies_a_changed_config_and_refuses_a_broken_one,

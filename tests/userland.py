@@ -33,7 +33,7 @@ from pathlib import Path
 
 from netns import REPO, Netns
 
-__all__ = ["CACHE", "PLATFORM_ROWS", "SUITES", "Booted", "Suite", "Userland", "debian_mirror", "record_platform"]
+__all__ = ["CACHE", "ENV", "PLATFORM_ROWS", "SUITES", "Booted", "Suite", "Userland", "debian_mirror", "record_platform"]
 
 CACHE = Path(os.environ.get("PG_TEST_CACHE", "/var/cache/portguard-test"))
 RECIPE = "4"  # bump when the way a base is made changes: the cache key changes with it

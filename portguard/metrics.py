@@ -20,6 +20,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from portguard import __version__
 from portguard.backends import Observation, State
 from portguard.logs import Logger
+from portguard.supervisor import wait_readable
 
 __all__ = ["Metrics", "MetricsServer"]
 
@@ -173,9 +174,9 @@ class MetricsServer:
             if failures:
                 self._log.info("metrics.listening", listen=self.listen, after_attempts=failures)
             failures = 0
-            server.timeout = 0.5
+            server.timeout = 0  # handle_request only once wait_readable saw a client: idle, nothing wakes
             try:
-                while not stop.is_set():
+                while wait_readable(stop, server):
                     server.handle_request()
             finally:
                 server.server_close()

@@ -10,16 +10,67 @@ container runtime restarts the whole process.  :class:`RestartPolicy` is the pur
 from __future__ import annotations
 
 import collections
+import contextlib
+import select
+import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from portguard.logs import Logger
 
-__all__ = ["RestartPolicy", "Supervisor", "Worker"]
+__all__ = ["RestartPolicy", "Stop", "Supervisor", "Worker", "wait_readable"]
 
 Worker = Callable[[threading.Event], None]  # runs until the event is set
+
+
+class _HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
+class Stop(threading.Event):
+    """A worker's stop request that select() can wait on too: set() makes :meth:`fileno` readable, so a worker
+    blocked on its own file descriptors needs no timeout slices to notice it (idle, it sleeps until there is
+    something to read).  A socket pair, not a pipe: once closed, a late set() cannot write into a reused fd."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+
+    def fileno(self) -> int:
+        return self._reader.fileno()
+
+    def set(self) -> None:
+        super().set()
+        with contextlib.suppress(OSError):  # closed, or already signalled and full: readable either way
+            self._writer.send(b"\0")
+
+    def close(self) -> None:
+        self._reader.close()
+        self._writer.close()
+
+
+def wait_readable(stop: threading.Event, *files: _HasFileno, timeout: float | None = None) -> bool:
+    """Block until one of ``files`` is readable (True), or ``stop`` is set or ``timeout`` seconds pass (False).
+
+    A :class:`Stop` is waited on with the files; a plain Event (a test's) is looked at every 0.5 s.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    watched: list[_HasFileno] = [*files, stop] if isinstance(stop, Stop) else list(files)
+    while not stop.is_set():
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return False
+        if not isinstance(stop, Stop):
+            remaining = 0.5 if remaining is None else min(remaining, 0.5)
+        ready, _, _ = select.select(watched, [], [], remaining)
+        if ready and not stop.is_set():
+            return True  # a file (the stop fd alone is readable only once stop is set)
+    return False
 
 
 @dataclass
@@ -57,10 +108,10 @@ class Supervisor:
         self.failed = threading.Event()  # a worker could not be kept alive: exit 2
         self.failed_worker = ""
         self._threads: dict[str, threading.Thread] = {}
-        self._stops: dict[str, threading.Event] = {}
+        self._stops: dict[str, Stop] = {}
 
     def start(self, name: str, work: Worker) -> None:
-        stop = threading.Event()
+        stop = Stop()
         self._stops[name] = stop
         thread = threading.Thread(target=self._keep, args=(name, work, stop), name=name, daemon=True)
         self._threads[name] = thread
@@ -76,7 +127,13 @@ class Supervisor:
             self._stops[name].set()
             self._threads[name].join(timeout)
 
-    def _keep(self, name: str, work: Worker, stop: threading.Event) -> None:
+    def _keep(self, name: str, work: Worker, stop: Stop) -> None:
+        try:
+            self._keep_up(name, work, stop)
+        finally:
+            stop.close()
+
+    def _keep_up(self, name: str, work: Worker, stop: threading.Event) -> None:
         policy = self._policy()
         while not stop.is_set() and not self.stopping.is_set():
             try:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from portguard.backends.xtables import legacy_nat_registered
 from portguard.logs import Logger
 from portguard.rules import Family
+from portguard.supervisor import wait_readable
 
 __all__ = ["LegacyFingerprint", "NftablesNotifications", "malformed", "relevant"]
 
@@ -112,7 +113,7 @@ class NftablesNotifications:
             sock.bind((0, 0))
             sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-            sock.settimeout(0.5)  # lets stop be seen without closing under a blocked recv
+            sock.setblocking(False)  # read when wait_readable says so: stop is seen without closing under a recv
         except OSError:
             sock.close()
             raise
@@ -123,10 +124,10 @@ class NftablesNotifications:
             self._sock = self._open()
             self._request("kernel.resubscribed")  # changes may have been missed while it was closed
         try:
-            while not stop.is_set():
+            while wait_readable(stop, self._sock):
                 try:
                     data = self._sock.recv(_CHUNK)
-                except TimeoutError:
+                except BlockingIOError:
                     continue
                 except OSError as exc:
                     if exc.errno != errno.ENOBUFS:

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import ctypes
 import os
-import select
 import threading
-import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from portguard.config import Config
 from portguard.inventory import Part
 from portguard.runtimes import READERS
+from portguard.supervisor import wait_readable
 
 __all__ = ["DirectoryWatch", "PollingSource", "RuntimeSources", "file_fingerprint", "runtime_sources"]
 
@@ -97,16 +96,8 @@ class DirectoryWatch:
                 self._add(self.fd, os.fsencode(directory), IN_CHANGES)  # an existing watch is simply kept
 
     def wait(self, timeout: float, stop: threading.Event) -> bool:
-        """True when something changed (the events are drained), False on timeout or stop (seen within 0.5 s)."""
-        deadline = time.monotonic() + timeout
-        while not stop.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            ready, _, _ = select.select([self.fd], [], [], min(remaining, 0.5))
-            if ready:
-                break
-        else:
+        """True when something changed (the events are drained), False on timeout or stop."""
+        if not wait_readable(stop, self, timeout=timeout):
             return False
         while True:
             try:
@@ -115,6 +106,9 @@ class DirectoryWatch:
             except BlockingIOError:
                 break
         return True
+
+    def fileno(self) -> int:
+        return self.fd
 
     def close(self) -> None:
         os.close(self.fd)

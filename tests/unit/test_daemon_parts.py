@@ -3,7 +3,10 @@ notification, storm accounting, the effect worker, reload, and the Docker invent
 
 from __future__ import annotations
 
+import socket
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -16,7 +19,7 @@ from portguard.health import Health, StormMeter
 from portguard.metrics import Metrics
 from portguard.reload import Reloader
 from portguard.runtimes.docker import parse_networks
-from portguard.supervisor import RestartPolicy, Supervisor
+from portguard.supervisor import RestartPolicy, Stop, Supervisor, wait_readable
 
 LOG = structlog.get_logger("test")
 
@@ -67,6 +70,45 @@ def test_supervisor_restarts_a_crashing_worker_and_counts_it() -> None:
     assert running.wait(5)
     assert restarts == ["flaky", "flaky"] and sup.alive() and not sup.failed.is_set()
     sup.stop()
+
+
+def test_a_worker_waiting_on_its_files_sleeps_until_one_is_readable_or_it_is_stopped() -> None:
+    """wait_readable with the supervisor's Stop (selected on with the files, so a blocked worker needs no timeout
+    slices): True when a file becomes readable, False when the supervisor stops it; the Stop is closed after."""
+    a, b = socket.socketpair()
+    results: list[bool] = []
+    stops: list[Stop] = []
+    waiting = threading.Event()
+
+    def worker(stop: threading.Event) -> None:
+        assert isinstance(stop, Stop)
+        stops.append(stop)
+        waiting.set()
+        results.append(wait_readable(stop, a))  # b sends: readable
+        a.recv(1)
+        results.append(wait_readable(stop, a))  # the supervisor stops it
+        stop.wait()
+
+    sup = Supervisor(LOG)
+    sup.start("w", worker)
+    assert waiting.wait(5)
+    b.send(b"x")
+    assert _wait_until(lambda: len(results) == 1)
+    sup.stop()
+    assert results == [True, False] and not sup.alive()
+    assert stops[0].fileno() == -1  # its socket pair closed with the worker
+    assert wait_readable(threading.Event(), a, timeout=0.05) is False  # a plain Event: the timeout holds
+    a.close()
+    b.close()
+
+
+def _wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
 
 
 def test_supervisor_sets_failed_when_a_worker_cannot_be_kept_alive() -> None:

@@ -267,12 +267,14 @@ class Daemon:
             # Bound before the first sync can send READY=1: ready means the endpoint answers.
             metrics = MetricsServer(self.metrics, self.cfg.metrics_listen, self.healthy, self._log)
             metrics.bind()
-        sup.start("runner", self.runner.loop)
-        sup.start("docker", self._docker_worker(self.cfg))
+        # Subscribed before the first sync: a change made between that sync and a later subscription would go
+        # unnoticed until the backstop, and READY=1 means that changes are watched.
         sources = change_sources(lambda: self.reconciler.backend.watch, lambda _why: self.runner.request(),
                                  self._log, poll_interval=lambda: self.cfg.daemon_poll_interval,
                                  on_malformed=self.metrics.malformed.inc)
         sources["runtimes"] = runtimes.run
+        sup.start("runner", self.runner.loop)
+        sup.start("docker", self._docker_worker(self.cfg))
         for name, work in sources.items():
             sup.start(name, work)
         sup.start("effects", self.effects.run)

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from topology import AclNetwork
 
 from portguard.demo import unmount_below
 
-__all__ = ["IMAGE", "DockerEngine", "DockerLab", "busybox_tar", "docker_lab"]
+__all__ = ["IMAGE", "DockerEngine", "DockerLab", "busybox_tar", "docker_lab", "run_once"]
 
 IMAGE = "pg-busybox:latest"
 PR_SET_CHILD_SUBREAPER = 36
@@ -42,6 +42,20 @@ def busybox_tar(dest: Path) -> Path:
             link.type, link.linkname = tarfile.SYMTYPE, "busybox"
             tar.addfile(link)
     return tar_path
+
+
+def run_once(docker: Callable[..., subprocess.CompletedProcess[str]], *args: str) -> subprocess.CompletedProcess[str]:
+    """``docker run ARGS`` for a container that exits at once, as (exit code, stdout, stderr): created detached,
+    waited for, its log read, then removed.  A foreground `docker run --rm` of a container this short-lived once
+    handed back neither the output nor an error message (Docker 26.1.5), which read as a failed fetch; the exit
+    code from `docker wait` and the json-file log do not depend on the CLI attaching in time."""
+    cid = docker("run", "-d", *args).stdout.strip()
+    try:
+        code = int(docker("wait", cid).stdout.strip())
+        logs = docker("logs", cid)
+    finally:
+        docker("rm", "-f", cid, check=False)
+    return subprocess.CompletedProcess(["docker", "run", *args], code, logs.stdout, logs.stderr)
 
 
 class DockerEngine:

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 from daemonproc import PortguardDaemon
-from dockerhost import IMAGE, busybox_tar
+from dockerhost import IMAGE, busybox_tar, run_once
 from images import PGNET_IMAGE, pgnet_tar
 from netns import Netns, wait_for
 from topology import ACL_LOW, NEAR_IP, SECONDARY_IP, SERVER_IP, AclNetwork
@@ -79,9 +79,9 @@ class Stack:
     def fetch(self, *docker_args: str) -> tuple[str, int]:
         """(address, port) the far side saw behind the ACL for one container fetch (low source ports forced)."""
         before = len(self.acl.peers)
-        out = self.docker("run", "--rm", "--sysctl", LOW_PORTS, *docker_args, IMAGE,
-                          "wget", "-q", "-O", "-", f"http://{SERVER_IP}:8080/", check=False)
-        assert out.returncode == 0 and out.stdout == "ok\n", (out.stderr, self.log())
+        out = run_once(self.docker, "--sysctl", LOW_PORTS, *docker_args, IMAGE,
+                       "wget", "-q", "-O", "-", f"http://{SERVER_IP}:8080/")
+        assert out.returncode == 0 and out.stdout == "ok\n", (out.returncode, out.stdout, out.stderr, self.log())
         assert wait_for(lambda: len(self.acl.peers) > before, 5)
         return self.acl.peers[-1]
 

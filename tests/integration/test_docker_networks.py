@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 from daemonproc import PortguardDaemon
-from dockerhost import IMAGE, DockerEngine, docker_lab
+from dockerhost import IMAGE, DockerEngine, docker_lab, run_once
 from netns import Netns, wait_for
 from topology import ACL_LOW, NEAR_IP, OPEN_PORT, SECONDARY_IP, SERVER_IP, AclNetwork
 
@@ -30,9 +30,10 @@ class Host:
     def seen_from(self, network: str, *extra: str) -> tuple[str, int]:
         """(address, port) the far side saw for one container fetch on ``network`` (the port without an ACL)."""
         before = len(self.acl.open_peers)
-        out = self.engine.docker("run", "--rm", "--sysctl", LOW_PORTS, "--network", network, *extra, IMAGE,
-                                 "wget", "-q", "-O", "-", f"http://{SERVER_IP}:{OPEN_PORT}/", check=False)
-        assert out.returncode == 0 and out.stdout == "ok\n", (out.stderr, self.daemon.log_path.read_text()[-3000:])
+        out = run_once(self.engine.docker, "--sysctl", LOW_PORTS, "--network", network, *extra, IMAGE,
+                       "wget", "-q", "-O", "-", f"http://{SERVER_IP}:{OPEN_PORT}/")
+        assert out.returncode == 0 and out.stdout == "ok\n", (out.returncode, out.stdout, out.stderr,
+                                                              self.daemon.log_path.read_text()[-3000:])
         assert wait_for(lambda: len(self.acl.open_peers) > before, 5)
         return self.acl.open_peers[-1]
 

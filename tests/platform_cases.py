@@ -237,12 +237,15 @@ def test_podman_runs_builds_and_host_to_container(stack: Stack) -> None:
     podman("build", "--no-cache", "-t", "localhost/pg-built", "/root/podbuild")
     assert len(stack.acl.ports[before:]) >= 10 and min(stack.acl.ports[before:]) >= ACL_LOW, stack.acl.ports
     podman("run", "-d", "--name", "pgserver", PGNET_IMAGE, "/pgnet", "serve", "8090")
-    ip = podman("inspect", "-f", "{{.NetworkSettings.IPAddress}}", "pgserver").stdout.strip()
-    assert wait_for(lambda: stack.ns.run([sys.executable, "-c", HOST_CLIENT, ip, "8090"], check=False).returncode == 0,
-                    10)
-    port = int(stack.ns.run([sys.executable, "-c", HOST_CLIENT, ip, "8090"]).stdout.split()[0])
-    assert wait_for(lambda: f" {port}" in podman("logs", "pgserver").stdout, 5)
-    seen = [line.split() for line in podman("logs", "pgserver").stdout.splitlines()]
+    try:
+        ip = podman("inspect", "-f", "{{.NetworkSettings.IPAddress}}", "pgserver").stdout.strip()
+        assert wait_for(lambda: stack.ns.run([sys.executable, "-c", HOST_CLIENT, ip, "8090"],
+                                             check=False).returncode == 0, 10)
+        port = int(stack.ns.run([sys.executable, "-c", HOST_CLIENT, ip, "8090"]).stdout.split()[0])
+        assert wait_for(lambda: f" {port}" in podman("logs", "pgserver").stdout, 5)
+        seen = [line.split() for line in podman("logs", "pgserver").stdout.splitlines()]
+    finally:
+        podman("rm", "-f", "-t", "0", "pgserver")
     assert [a for a, p in seen if int(p) == port] == [ip.rsplit(".", 1)[0] + ".1"] and port < ACL_LOW, (seen, port)
 
 

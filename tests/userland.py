@@ -309,9 +309,39 @@ class Userland:
                     proc.kill()
                     proc.wait(10)
         self.procs.clear()
+        for pid in self._strays():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         if self.holder.poll() is None:
             self.holder.kill()
             self.holder.wait(10)
+
+    def _strays(self) -> set[int]:
+        """Processes still in the view's mount namespace, and everything below them: daemons that left our process
+        tree, such as Podman's conmon (it double-forks to PID 1) and the container it keeps."""
+        if self.holder.poll() is not None:
+            return set()
+        view = os.readlink(f"/proc/{self.holder.pid}/ns/mnt")
+        children: dict[int, list[int]] = {}
+        found: set[int] = set()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == self.holder.pid:
+                continue
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                mnt = os.readlink(f"/proc/{entry}/ns/mnt")
+            except OSError:
+                continue  # gone meanwhile
+            children.setdefault(ppid, []).append(int(entry))
+            if mnt == view:
+                found.add(int(entry))
+        todo = list(found)
+        while todo:
+            for child in children.get(todo.pop(), []):
+                if child not in found:
+                    found.add(child)
+                    todo.append(child)
+        return found
 
 
 class Booted:

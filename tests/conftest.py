@@ -54,9 +54,15 @@ def _controller(config: pytest.Config) -> bool:
     return not hasattr(config, "workerinput")  # pytest-xdist workers have it; the controller sees every report
 
 
+_view: list[Any] = []  # this machine's view when the session started (tests/hostview.py)
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     if _controller(session.config):
+        from hostview import HostView
         from userland import PLATFORM_ROWS
+
+        _view.append(HostView.take())
 
         for row in PLATFORM_ROWS.glob("*.json"):
             row.unlink(missing_ok=True)
@@ -79,10 +85,18 @@ def _result(module: str, suite: str) -> str:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Rewrite the table between the README's markers from this run's rows - only when the whole matrix ran: a
-    run of one platform file leaves the table as the last full run wrote it."""
+    """Fail the run when this machine's own network namespace, mounts or named namespaces differ from how the
+    session found them, or a process is left in a namespace made during the run.  Then rewrite the table between
+    the README's markers from this run's rows - only when the whole matrix ran: a run of one platform file leaves
+    the table as the last full run wrote it."""
     if not _controller(session.config):
         return
+    from hostview import leftovers
+
+    problems = leftovers(_view[0]) if _view else []
+    if problems:
+        print("\n== the run left this machine changed:\n" + "\n".join(problems), file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
     from userland import PLATFORM_ROWS, SUITES
 
     rows = {p.stem: json.loads(p.read_text()) for p in PLATFORM_ROWS.glob("*.json")}

@@ -19,12 +19,13 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-__all__ = ["run_demo", "unmount_below"]
+__all__ = ["end_processes", "run_demo", "unmount_below"]
 
 SERVER_IP, HOST_IP, PORT, ACL_LOW = "198.51.100.2", "198.51.100.1", 8080, 49152
 IMAGE = "portguard-demo-busybox:latest"
@@ -156,14 +157,7 @@ class Lab:
         if self.dockerd is not None and self.dockerd.poll() is None:
             for cid in self.docker("ps", "-aq", check=False).stdout.split():
                 self.docker("rm", "-f", cid, check=False)
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+        end_processes(reversed(self.procs), grace=15)
         with suppress(OSError, ValueError):
             os.kill(int((self.tmp / "exec" / "containerd" / "containerd.pid").read_text()), signal.SIGTERM)
         unmount_below(self.tmp)
@@ -174,6 +168,18 @@ class Lab:
                 shutil.rmtree(f"/run/portguard/net-{os.stat(f'/var/run/netns/{name}').st_ino}", ignore_errors=True)
             subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def end_processes(procs: Iterable[subprocess.Popen[Any]], grace: float) -> None:
+    """SIGTERM to each process still running, in order; SIGKILL to one that has not exited ``grace`` seconds later."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
 
 
 def unmount_below(root: Path) -> None:

@@ -11,10 +11,20 @@ from pathlib import Path
 
 from userland import CACHE
 
-__all__ = ["PGNET_IMAGE", "pgnet_binary", "pgnet_tar"]
+__all__ = ["PGNET_IMAGE", "PODMAN_CONF", "pgnet_binary", "pgnet_tar"]
 
 HERE = Path(__file__).resolve().parent
 PGNET_IMAGE = "localhost/pg-pgnet:latest"
+# containers.conf for a rootful Podman in a test namespace: runc and cgroupfs (no systemd to ask), events to a file,
+# and fixed ulimits, so that a container's limits do not follow what the test process inherited.  Ends inside
+# [engine]: a test may add engine keys, then sections of its own.
+PODMAN_CONF = """[containers]
+default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+"""
 
 
 def pgnet_binary(cache: Path = CACHE) -> Path:

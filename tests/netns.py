@@ -7,12 +7,13 @@ import itertools
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from portguard.demo import end_processes
 
 __all__ = ["Netns", "hermetic", "require_root"]
 
@@ -96,14 +97,7 @@ class Netns:
         return proc
 
     def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=10)
+        end_processes(self.procs, grace=10)
         # What a portguard run recorded for this namespace, removed while the namespace still holds its inode:
         # the next namespace (on any pytest worker) may get the same inode.
         with contextlib.suppress(OSError):

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from daemonproc import PortguardDaemon
 from dockerhost import IMAGE, busybox_tar, run_once
-from images import PGNET_IMAGE, pgnet_tar
+from images import PGNET_IMAGE, PODMAN_CONF, pgnet_tar
 from netns import Netns, wait_for
 from topology import ACL_LOW, NEAR_IP, SECONDARY_IP, SERVER_IP, AclNetwork
 from userland import SUITES, Suite, Userland, record_platform
@@ -198,13 +198,6 @@ def test_routed_network_keeps_the_container_address(stack: Stack) -> None:
     assert addr == ROUTED_IP and port >= ACL_LOW, (addr, port)
 
 
-PODMAN_CONF = """[containers]
-default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
-[engine]
-runtime = "runc"
-cgroup_manager = "cgroupfs"
-events_logger = "file"
-"""
 HOST_CLIENT = """
 import socket, sys
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)

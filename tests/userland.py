@@ -33,6 +33,8 @@ from pathlib import Path
 
 from netns import REPO, Netns
 
+from portguard.demo import end_processes
+
 __all__ = ["CACHE", "ENV", "PLATFORM_ROWS", "SUITES", "Booted", "Suite", "Userland", "debian_mirror", "record_platform"]
 
 CACHE = Path(os.environ.get("PG_TEST_CACHE", "/var/cache/portguard-test"))
@@ -300,14 +302,7 @@ class Userland:
 
     def _release(self) -> None:
         """End every process started here, then the holder: the mount namespace and its mounts go with them."""
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
+        end_processes(reversed(self.procs), grace=20)
         self.procs.clear()
         for pid in self._strays():
             with contextlib.suppress(ProcessLookupError):

@@ -19,19 +19,13 @@ from pathlib import Path
 
 import pytest
 from daemonproc import PortguardDaemon
-from images import PGNET_IMAGE, pgnet_tar
+from images import PGNET_IMAGE, PODMAN_CONF, pgnet_tar
 from netns import Netns, wait_for
 from topology import ACL_LOW, NEAR_IP, SERVER_IP, AclNetwork
 
 pytestmark = [pytest.mark.netns, pytest.mark.podman]
 LOW = "net.ipv4.ip_local_port_range=32768 40000"
-CONTAINERS_CONF = """[containers]
-default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
-[engine]
-runtime = "runc"
-cgroup_manager = "cgroupfs"
-events_logger = "file"
-events_logfile_path = "{work}/events.log"
+CONTAINERS_CONF = PODMAN_CONF + """events_logfile_path = "{work}/events.log"
 tmp_dir = "{work}/libpod"
 [network]
 network_backend = "netavark"

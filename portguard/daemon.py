@@ -86,6 +86,7 @@ class Daemon:
         self._cleanup = cleanup_on_exit
         self._runtime = runtime
         self._lock = threading.Lock()
+        self._save_lock = threading.Lock()  # one record written at a time, and always the latest inventory
         # What the last daemon here recorded stands until each source has reported (a restart keeps Docker's
         # networks covered while Docker is still being asked).
         self._inventory = (runtime.load_inventory() if runtime is not None else None) or Inventory()
@@ -157,7 +158,12 @@ class Daemon:
         self._log.info("inventory.changed", runtime=runtime, networks=len(now.networks) if now else 0,
                        marks=[f"{v:#x}/{m:#x}" for v, m in now.marks] if now else [], rules=len(reconciler.rules))
         if self._runtime is not None:
-            self._runtime.save_inventory(inventory)
+            # Two sources may report at once: whichever writes last writes the inventory as it is then, never an
+            # older one it computed before the other's part came in.
+            with self._save_lock:
+                with self._lock:
+                    latest = self._inventory
+                self._runtime.save_inventory(latest)
         if changed:
             self.runner.request()
 

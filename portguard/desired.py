@@ -69,8 +69,8 @@ def _family_rules(family: Family, cfg: Config, inventory: Inventory) -> list[Rul
     scopes = cfg.egress_interfaces or (None,)
     base = [Rule(family, Action.SNAT, out_interface=out, protocol=proto, sport=cfg.source_ports, to_ports=cfg.to_ports,
                  fully_random=cfg.fully_random) for out in scopes for proto in cfg.protocols]
-    early += [replace(r, action=Action.MASQUERADE, fwmark=mark, label="kube-proxy") for r in base
-              for mark in inventory.marks]
+    early += [replace(r, action=Action.MASQUERADE, fwmark=mark, label=runtime) for r in base
+              for runtime, mark in inventory.marks]
     early += [replace(r, local_source=True, label="host") for r in base]
     for net in translating:
         early += [Rule(family, Action.RETURN, source=subnet, destination=keep, label=net.label)

@@ -108,9 +108,9 @@ def _explain_traffic(report: Report, cfg: Config, rules: Sequence[Rule], invento
     """One line per traffic class: what leaves the host, address and port (README: What portguard changes)."""
     ports, to = cfg.source_ports, cfg.to_ports
     lines = [f"host traffic (any local address): address unchanged, source port {ports} moved into {to}"]
-    for value, mask in inventory.marks:
-        lines.append(f"packets marked {value:#x}/{mask:#x} (kube-proxy's masquerade): masqueraded to the egress "
-                     f"address, as kube-proxy would, port moved into {to}")
+    for runtime, (value, mask) in inventory.marks:
+        lines.append(f"packets marked {value:#x}/{mask:#x} ({runtime}'s masquerade): masqueraded to the egress "
+                     f"address, as {runtime} would, port moved into {to}")
     for net in (*inventory.networks, *configured_networks(cfg)):
         for subnet in net.subnets:
             version = ipaddress.ip_network(subnet).version

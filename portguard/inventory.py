@@ -112,8 +112,13 @@ class Inventory:
         return tuple(n for _, p in self.parts for n in p.networks)
 
     @property
-    def marks(self) -> tuple[tuple[int, int], ...]:
-        return tuple(dict.fromkeys(m for _, p in self.parts for m in p.marks))
+    def marks(self) -> tuple[tuple[str, tuple[int, int]], ...]:
+        """(runtime, mark) for every mark some runtime masquerades by; a mark two runtimes declare, once."""
+        found: dict[tuple[int, int], str] = {}
+        for name, p in self.parts:
+            for mark in p.marks:
+                found.setdefault(mark, name)
+        return tuple((name, mark) for mark, name in found.items())
 
     @property
     def runtimes(self) -> tuple[str, ...]:

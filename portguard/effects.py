@@ -25,6 +25,7 @@ from portguard.conntrack import ConntrackError, ReadStats, heal
 from portguard.logs import Logger
 from portguard.metrics import Metrics
 from portguard.rules import Family, PortRange, Protocol
+from portguard.supervisor import Flag, wait_readable
 
 __all__ = ["EffectWorker", "Result"]
 
@@ -56,7 +57,7 @@ class EffectWorker:
         self._scope = scope
         self._bypasses = bypasses or (lambda cfg: find_bypasses(cfg.families))
         self._after_audit = after_audit
-        self._wake = threading.Event()
+        self._wake = Flag()  # a heal request; waited on with the stop request, no timeout slices
         self._heal_wanted = False
         self._lock = threading.Lock()
         self.audit_count = 0
@@ -71,8 +72,8 @@ class EffectWorker:
     def run(self, stop: threading.Event) -> None:
         next_audit = self._clock() + self._config().daemon_audit_interval
         while not stop.is_set():
-            self._wake.wait(min(0.5, max(0.0, next_audit - self._clock())))
-            self._wake.clear()
+            wait_readable(stop, self._wake, timeout=max(0.0, next_audit - self._clock()))
+            self._wake.clear()  # before the request is read: a request made after it wakes the next wait
             with self._lock:
                 wanted, self._heal_wanted = self._heal_wanted, False
             if wanted and self._config().daemon_conntrack_heal:

@@ -21,7 +21,7 @@ from typing import Protocol
 
 from portguard.logs import Logger
 
-__all__ = ["RestartPolicy", "Stop", "Supervisor", "Worker", "wait_readable"]
+__all__ = ["Flag", "RestartPolicy", "Stop", "Supervisor", "Worker", "wait_readable"]
 
 Worker = Callable[[threading.Event], None]  # runs until the event is set
 
@@ -30,10 +30,9 @@ class _HasFileno(Protocol):
     def fileno(self) -> int: ...
 
 
-class Stop(threading.Event):
-    """A worker's stop request that select() can wait on too: set() makes :meth:`fileno` readable, so a worker
-    blocked on its own file descriptors needs no timeout slices to notice it (idle, it sleeps until there is
-    something to read).  A socket pair, not a pipe: once closed, a late set() cannot write into a reused fd."""
+class Flag(threading.Event):
+    """An Event that select() can wait on too: set() makes :meth:`fileno` readable until clear().  A socket pair,
+    not a pipe: once closed, a late set() cannot write into a reused fd."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -49,23 +48,36 @@ class Stop(threading.Event):
         with contextlib.suppress(OSError):  # closed, or already signalled and full: readable either way
             self._writer.send(b"\0")
 
+    def clear(self) -> None:
+        super().clear()
+        with contextlib.suppress(OSError):  # BlockingIOError: drained
+            while self._reader.recv(4096):
+                pass
+
     def close(self) -> None:
         self._reader.close()
         self._writer.close()
 
 
+class Stop(Flag):
+    """A worker's stop request: a worker blocked on its own file descriptors waits on it with them
+    (:func:`wait_readable`) and needs no timeout slices to notice it; idle, it sleeps until there is something
+    to read."""
+
+
 def wait_readable(stop: threading.Event, *files: _HasFileno, timeout: float | None = None) -> bool:
     """Block until one of ``files`` is readable (True), or ``stop`` is set or ``timeout`` seconds pass (False).
 
-    A :class:`Stop` is waited on with the files; a plain Event (a test's) is looked at every 0.5 s.
+    A :class:`Flag` (a :class:`Stop`) is waited on with the files; a plain Event (a test's) is looked at every
+    0.5 s.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
-    watched: list[_HasFileno] = [*files, stop] if isinstance(stop, Stop) else list(files)
+    watched: list[_HasFileno] = [*files, stop] if isinstance(stop, Flag) else list(files)
     while not stop.is_set():
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             return False
-        if not isinstance(stop, Stop):
+        if not isinstance(stop, Flag):
             remaining = 0.5 if remaining is None else min(remaining, 0.5)
         ready, _, _ = select.select(watched, [], [], remaining)
         if ready and not stop.is_set():

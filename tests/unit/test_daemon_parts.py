@@ -19,7 +19,7 @@ from portguard.health import Health, StormMeter
 from portguard.metrics import Metrics
 from portguard.reload import Reloader
 from portguard.runtimes.docker import parse_networks
-from portguard.supervisor import RestartPolicy, Stop, Supervisor, wait_readable
+from portguard.supervisor import Flag, RestartPolicy, Stop, Supervisor, wait_readable
 
 LOG = structlog.get_logger("test")
 
@@ -100,6 +100,21 @@ def test_a_worker_waiting_on_its_files_sleeps_until_one_is_readable_or_it_is_sto
     assert wait_readable(threading.Event(), a, timeout=0.05) is False  # a plain Event: the timeout holds
     a.close()
     b.close()
+
+
+def test_a_flag_is_readable_from_set_until_clear_however_often_it_was_set() -> None:
+    """A Flag (the effect worker's heal request) is readable once set, however often, and clear() drains it: the
+    next wait runs into its timeout."""
+    flag = Flag()
+    stop = Stop()
+    assert wait_readable(stop, flag, timeout=0.05) is False
+    for _ in range(3):
+        flag.set()
+    assert wait_readable(stop, flag, timeout=5) is True  # readable: a timeout would answer False
+    flag.clear()
+    assert not flag.is_set() and wait_readable(stop, flag, timeout=0.1) is False
+    flag.close()
+    stop.close()
 
 
 def _wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:

@@ -1,6 +1,9 @@
 """Idle cost of `portguard run` next to a real dockerd: CPU share and RSS after --seconds with nothing to do.
+With --without-docker, on a host without dockerd (a containerd or Podman node): its socket's directory exists,
+the socket does not.
 
     .venv/bin/python bench/idle.py [--seconds 60] [--backends nftables,iptables-nft,iptables-legacy] [--source DIR]
+                                   [--without-docker]
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ from netns import Netns
 from soak import _stat
 
 
-def idle(backend: str, seconds: float, source: Path | None = None) -> dict[str, object]:
+def idle(backend: str, seconds: float, source: Path | None = None, docker: bool = True) -> dict[str, object]:
     ns = Netns("pgidle")
     engine = DockerEngine(ns)
     d: PortguardDaemon | None = None
     try:
-        engine.start()
+        if docker:
+            engine.start()
         work = Path(tempfile.mkdtemp(prefix="pg-idle-"))
         atexit.register(shutil.rmtree, work, ignore_errors=True)  # the daemon's log goes with it
         d = PortguardDaemon(ns, work, "--backend", backend,
@@ -40,7 +44,8 @@ def idle(backend: str, seconds: float, source: Path | None = None) -> dict[str, 
         cpu1, rss = _stat(d.proc.pid)
         status = Path(f"/proc/{d.proc.pid}/status").read_text()
         hwm = next(int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("VmHWM:")) * 1024
-        return {"backend": backend, "cpu_percent": round(100 * (cpu1 - cpu0) / (time.monotonic() - t0), 3),
+        return {"backend": backend, "docker": docker,
+                "cpu_percent": round(100 * (cpu1 - cpu0) / (time.monotonic() - t0), 3),
                 "rss_mb": round(rss / 1e6, 1), "peak_rss_mb": round(hwm / 1e6, 1)}
     finally:
         if d is not None:
@@ -54,9 +59,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--backends", default="nftables,iptables-nft,iptables-legacy")
     parser.add_argument("--source", type=Path, help="run another checkout's portguard (an older commit's worktree)")
+    parser.add_argument("--without-docker", action="store_true", help="no dockerd: a containerd or Podman node")
     args = parser.parse_args()
     for backend in args.backends.split(","):
-        print(idle(backend, args.seconds, args.source), flush=True)
+        print(idle(backend, args.seconds, args.source, docker=not args.without_docker), flush=True)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from typing import Any
 from portguard.inventory import Part
 from portguard.logs import Logger
 from portguard.runtimes.docker import parse_networks, skipped
+from portguard.watch.runtimes import DirectoryWatch
 
 __all__ = ["DockerWatcher"]
 
@@ -35,7 +36,7 @@ EVENT_FILTERS = {
     "event": ["create", "destroy", "reload"],
 }
 RECHECKS = (1.0, 2.0, 4.0)
-_SOCKET_POLL = 0.1  # while Docker is away: how often to look for its socket coming back
+_SOCKET_POLL = 0.1  # while Docker is away and inotify is not there: how often to look for its socket coming back
 _UNAVAILABLE_LOG_EVERY = 300.0  # after the first, "still unavailable" at most every 5 minutes
 
 
@@ -129,7 +130,9 @@ class DockerWatcher:
 
     def _wait_for_engine(self, backoff: float) -> None:
         """Wait out a backoff, but not beyond the moment dockerd creates its socket anew: until Docker's networks
-        are known, their traffic leaves with the ports Docker's own MASQUERADE gives it."""
+        are known, their traffic leaves with the ports Docker's own MASQUERADE gives it.  Asleep on inotify on the
+        socket's directory (a host without dockerd, a Kubernetes or Podman node, wakes only when that directory
+        changes); polled every 0.1 s where inotify is not to be had."""
         path = self._socket()
 
         def fingerprint() -> tuple[int, int] | None:
@@ -139,11 +142,31 @@ class DockerWatcher:
                 return None
             return (st.st_ino, st.st_mtime_ns) if st is not None else None
 
+        watch: DirectoryWatch | None = None
+        if path is not None:
+            try:
+                watch = DirectoryWatch()
+                watch.watch([path])
+            except OSError:
+                if watch is not None:
+                    watch.close()
+                watch = None
         before = fingerprint()
         deadline = time.monotonic() + backoff
-        while not self._stop.wait(min(_SOCKET_POLL, max(0.0, deadline - time.monotonic()))):
-            if time.monotonic() >= deadline or (path is not None and fingerprint() not in (before, None)):
-                return
+        try:
+            while not self._stop.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                if watch is not None:
+                    watch.wait(remaining, self._stop)
+                elif self._stop.wait(min(_SOCKET_POLL, remaining)):
+                    return
+                if path is not None and fingerprint() not in (before, None):
+                    return
+        finally:
+            if watch is not None:
+                watch.close()
 
     def _refresh(self, client: Any) -> None:
         """Read the networks; on failure keep the last inventory (nothing is removed because Docker is away)."""

@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -20,6 +21,7 @@ from portguard.metrics import Metrics
 from portguard.reload import Reloader
 from portguard.runtimes.docker import parse_networks
 from portguard.supervisor import Flag, RestartPolicy, Stop, Supervisor, wait_readable
+from portguard.watch.docker import DockerWatcher
 
 LOG = structlog.get_logger("test")
 
@@ -114,6 +116,32 @@ def test_a_flag_is_readable_from_set_until_clear_however_often_it_was_set() -> N
     flag.clear()
     assert not flag.is_set() and wait_readable(stop, flag, timeout=0.1) is False
     flag.close()
+    stop.close()
+
+
+def test_waiting_for_docker_ends_when_its_socket_appears_or_on_stop_not_at_the_end_of_the_backoff(
+        tmp_path: Path) -> None:
+    """While dockerd is away the watcher waits out its backoff asleep on the socket's directory: the socket being
+    created ends the wait (a minute's backoff is not waited out), and so does the stop request."""
+    sock = tmp_path / "docker.sock"
+    stop = Stop()
+    watcher = DockerWatcher(lambda _why: None, lambda *_a: None, LOG, docker_host=f"unix://{sock}")
+    watcher._stop = stop  # as run() takes the supervisor's
+    waiter = threading.Thread(target=watcher._wait_for_engine, args=(60.0,))
+    waiter.start()
+    time.sleep(0.2)
+    assert waiter.is_alive()
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(sock))  # dockerd is back
+    waiter.join(10)
+    assert not waiter.is_alive()
+    waiter = threading.Thread(target=watcher._wait_for_engine, args=(60.0,))
+    waiter.start()
+    time.sleep(0.2)
+    stop.set()
+    waiter.join(10)
+    assert not waiter.is_alive()
+    listener.close()
     stop.close()
 
 

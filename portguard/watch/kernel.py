@@ -35,10 +35,19 @@ _CHUNK = 1 << 20
 
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWGEN = 15
-# Message types whose first attribute (NFTA_*_TABLE = 1) names the table they belong to: rules,
-# sets, set elements, objects, flowtables (new/del of each).  Table and chain messages are always
-# relevant: a new base chain elsewhere can shadow portguard's.
-_PER_TABLE = frozenset({6, 8, 9, 11, 12, 14, 18, 20, 22, 24})
+# Message types whose first attribute (NFTA_*_TABLE = 1, NFTA_TABLE_NAME = 1) names the table they belong to:
+# tables, rules, sets, set elements, objects, flowtables (new/del of each).  Another table coming or going cannot
+# put anything before portguard's chains by itself; its base chains announce themselves (below).  iptables-nft
+# sends NEWTABLE for its table with every change it makes.
+_PER_TABLE = frozenset({0, 2, 6, 8, 9, 11, 12, 14, 18, 20, 22, 24})
+# Chain messages (NEWCHAIN, DELCHAIN) count for a watched table, or when they carry NFTA_CHAIN_HOOK (4): a base
+# chain elsewhere, which can run before portguard's.  A regular chain of another table cannot: kube-proxy's
+# iptables mode (through iptables-nft) adds and removes a chain per endpoint all day long, and on a node with
+# 20,000 chains each sync lists them all (140 ms, nft 1.0.6).  Kernels since 6.3 leave the hook out of a
+# DELCHAIN notification; deleting another table's chain takes nothing from portguard's rules, and a
+# "shadowed" report it ends clears at the next backstop.
+_CHAIN = frozenset({3, 5})
+NFTA_TABLE, NFTA_CHAIN_HOOK = 1, 4
 _NLMSG_HDR = struct.Struct("=IHHII")
 _BURST = 64 * 1024
 _NLA_HDR = struct.Struct("=HH")
@@ -47,9 +56,9 @@ _NLA_HDR = struct.Struct("=HH")
 def relevant(data: bytes, tables: frozenset[bytes] | None) -> bool:
     """Does this chunk of nf_tables notifications touch anything a sync must look at?
 
-    ``tables=None`` means every change is relevant.  Otherwise changes to rules, sets and objects
-    of other tables (Docker's filter rules, for example) are skipped; table and chain changes and
-    anything not understood count.  The backstop sync covers whatever a filter could miss.
+    ``tables=None`` means every change is relevant.  Otherwise changes to tables, rules, sets, objects and
+    regular chains of other tables (Docker's filter rules, kube-proxy's chains, for example) are skipped; base
+    chains anywhere and anything not understood count.  The backstop sync covers whatever a filter could miss.
     """
     if tables is None or len(data) > _BURST or any(name in data for name in tables):
         # A burst (a flush of thousands of rules) wants a sync anyway, and parsing it message by
@@ -74,16 +83,35 @@ def _scan(data: bytes, tables: frozenset[bytes]) -> tuple[bool, bool]:
         if length < _NLMSG_HDR.size or offset + length > len(data):
             return True, True
         subsys, msg = msg_type >> 8, msg_type & 0xFF
-        if subsys == NFNL_SUBSYS_NFTABLES and msg != NFT_MSG_NEWGEN:
+        if subsys == NFNL_SUBSYS_NFTABLES and msg != NFT_MSG_NEWGEN and not hit:
             attr = offset + _NLMSG_HDR.size + 4  # skip struct nfgenmsg
-            if msg not in _PER_TABLE or attr + _NLA_HDR.size > offset + length:
+            if msg in _CHAIN:
+                hit = _chain_counts(data, attr, offset + length, tables)
+            elif msg not in _PER_TABLE or attr + _NLA_HDR.size > offset + length:
                 hit = True
             else:
                 nla_len, nla_type = _NLA_HDR.unpack_from(data, attr)
                 name = data[attr + _NLA_HDR.size : attr + nla_len].rstrip(b"\0")
-                hit = hit or (nla_type & 0x3FFF) != 1 or name in tables
+                hit = (nla_type & 0x3FFF) != NFTA_TABLE or name in tables
         offset += (length + 3) & ~3
     return hit, False
+
+
+def _chain_counts(data: bytes, attr: int, end: int, tables: frozenset[bytes]) -> bool:
+    """A chain message counts when its table is watched or it describes a base chain (NFTA_CHAIN_HOOK); attributes
+    that do not add up count too (don't guess)."""
+    table = None
+    while attr + _NLA_HDR.size <= end:
+        nla_len, nla_type = _NLA_HDR.unpack_from(data, attr)
+        if nla_len < _NLA_HDR.size or attr + nla_len > end:
+            return True
+        kind = nla_type & 0x3FFF
+        if kind == NFTA_CHAIN_HOOK:
+            return True
+        if kind == NFTA_TABLE:
+            table = data[attr + _NLA_HDR.size : attr + nla_len].rstrip(b"\0")
+        attr += (nla_len + 3) & ~3
+    return table is None or table in tables
 
 
 class NftablesNotifications:

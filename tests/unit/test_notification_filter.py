@@ -6,16 +6,25 @@ import struct
 
 from portguard.watch.kernel import relevant
 
-NEWTABLE, NEWCHAIN, NEWRULE, DELRULE, NEWGEN = 0, 3, 6, 8, 15
+NEWTABLE, NEWCHAIN, DELCHAIN, NEWRULE, DELRULE, NEWGEN = 0, 3, 5, 6, 8, 15
 
 
-def _msg(kind: int, table: bytes | None = None) -> bytes:
-    """One nf_tables netlink message as the kernel lays it out: nlmsghdr, nfgenmsg, NFTA_*_TABLE."""
+def _attr(kind: int, value: bytes) -> bytes:
+    attr = struct.pack("=HH", 4 + len(value), kind) + value
+    return attr + b"\0" * (-len(attr) % 4)
+
+
+# NFTA_CHAIN_NAME, and a nested NFTA_CHAIN_HOOK (hook number, priority) as a base chain's message carries them
+NAME = _attr(3, b"KUBE-SEP-ABCDEF\0")
+HOOK = _attr(4 | 0x8000, _attr(1, struct.pack("!I", 4)) + _attr(2, struct.pack("!i", 100)))
+
+
+def _msg(kind: int, table: bytes | None = None, extra: bytes = b"") -> bytes:
+    """One nf_tables netlink message as the kernel lays it out: nlmsghdr, nfgenmsg, NFTA_*_TABLE, then ``extra``."""
     body = struct.pack("=BBH", 2, 0, 0)
     if table is not None:
-        name = table + b"\0"
-        attr = struct.pack("=HH", 4 + len(name), 1) + name
-        body += attr + b"\0" * (-len(attr) % 4)
+        body += _attr(1, table + b"\0")
+    body += extra
     return struct.pack("=IHHII", 16 + len(body), (10 << 8) | kind, 0, 0, 0) + body
 
 
@@ -28,11 +37,23 @@ def test_rules_of_other_tables_are_skipped() -> None:
     assert not relevant(chunk, ONLY_OURS)
 
 
-def test_rules_of_a_watched_table_and_any_table_or_chain_change_count() -> None:
-    """A rule in portguard's table, a new chain anywhere (it may be a base chain), a table change: relevant."""
+def test_rules_of_a_watched_table_base_chains_anywhere_and_table_changes_count() -> None:
+    """A rule in portguard's table, a chain of it, a base chain anywhere (it may run first), a change of its
+    table: relevant."""
     assert relevant(_msg(NEWRULE, b"filter") + _msg(DELRULE, b"portguard"), ONLY_OURS)
-    assert relevant(_msg(NEWCHAIN, b"early"), ONLY_OURS)
-    assert relevant(_msg(NEWTABLE, b"anything"), ONLY_OURS)
+    assert relevant(_msg(NEWCHAIN, b"early", NAME + HOOK), ONLY_OURS)
+    assert relevant(_msg(DELCHAIN, b"portguard", NAME), ONLY_OURS)
+    assert relevant(_msg(NEWTABLE, b"portguard"), ONLY_OURS)
+
+
+def test_regular_chains_of_other_tables_come_and_go_unnoticed() -> None:
+    """kube-proxy's per-endpoint chains (iptables-nft, table ip nat, which it announces with each change): created
+    and deleted without a hook, they cannot run before portguard's chain; a chain message whose attributes do not
+    add up still counts."""
+    churn = (_msg(NEWTABLE, b"nat") + _msg(NEWCHAIN, b"nat", NAME) + _msg(NEWRULE, b"nat")
+             + _msg(DELCHAIN, b"nat", NAME) + _msg(NEWGEN))
+    assert not relevant(churn, ONLY_OURS)
+    assert relevant(_msg(NEWCHAIN, b"nat", struct.pack("=HH", 200, 3)), ONLY_OURS)
 
 
 def test_a_burst_counts_without_being_parsed() -> None:

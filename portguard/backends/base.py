@@ -35,6 +35,9 @@ class Watch:
 
     nf_tables: frozenset[bytes] | None  # nf_tables tables whose rule changes matter (None: every change)
     poll_legacy: bool  # legacy xtables notify nobody: poll their fingerprint
+    # Other tables' base chains, (table, chain), at the backend's last look: their deletion may end a shadow
+    # (None: not known, every chain deletion counts).
+    base_chains: frozenset[tuple[bytes, bytes]] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -445,6 +445,10 @@ class NftablesBackend:
 
     def observe(self, rules: Sequence[Rule]) -> Observation:
         chains = [o["chain"] for o in self._objects("list chains") if "chain" in o]
+        # Whose deletion the notification filter must not skip (one of them may be what shadows the rules now).
+        self.watch = replace(self.watch, base_chains=frozenset(
+            (str(c.get("table")).encode(), str(c.get("name")).encode()) for c in chains
+            if "hook" in c and c.get("table") not in (PRIMARY.name, STANDBY.name)))
         primary = self._view(PRIMARY, chains)
         statuses, stale, shadowed_by = assess(rules, chains, primary, PRIMARY)
         standby_statuses, standby_stale, standby_shadows = assess(rules, chains, self._view(STANDBY, chains), STANDBY)

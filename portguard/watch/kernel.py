@@ -19,6 +19,7 @@ import struct
 import threading
 from collections.abc import Callable
 
+from portguard.backends.base import Watch
 from portguard.backends.xtables import legacy_nat_registered
 from portguard.logs import Logger
 from portguard.rules import Family
@@ -44,27 +45,30 @@ _PER_TABLE = frozenset({0, 2, 6, 8, 9, 11, 12, 14, 18, 20, 22, 24})
 # chain elsewhere, which can run before portguard's.  A regular chain of another table cannot: kube-proxy's
 # iptables mode (through iptables-nft) adds and removes a chain per endpoint all day long, and on a node with
 # 20,000 chains each sync lists them all (140 ms, nft 1.0.6).  Kernels since 6.3 leave the hook out of a
-# DELCHAIN notification; deleting another table's chain takes nothing from portguard's rules, and a
-# "shadowed" report it ends clears at the next backstop.
-_CHAIN = frozenset({3, 5})
-NFTA_TABLE, NFTA_CHAIN_HOOK = 1, 4
+# DELCHAIN notification (and send one for each chain of a deleted table): a deletion counts when the backend last
+# saw that chain as a base chain, since it may end a shadow; another chain's deletion takes nothing from portguard.
+NFT_MSG_NEWCHAIN, NFT_MSG_DELCHAIN = 3, 5
+_CHAIN = frozenset({NFT_MSG_NEWCHAIN, NFT_MSG_DELCHAIN})
+NFTA_TABLE, NFTA_CHAIN_NAME, NFTA_CHAIN_HOOK = 1, 3, 4
 _NLMSG_HDR = struct.Struct("=IHHII")
 _BURST = 64 * 1024
 _NLA_HDR = struct.Struct("=HH")
 
 
-def relevant(data: bytes, tables: frozenset[bytes] | None) -> bool:
+def relevant(data: bytes, tables: frozenset[bytes] | None,
+             base_chains: frozenset[tuple[bytes, bytes]] | None = None) -> bool:
     """Does this chunk of nf_tables notifications touch anything a sync must look at?
 
     ``tables=None`` means every change is relevant.  Otherwise changes to tables, rules, sets, objects and
     regular chains of other tables (Docker's filter rules, kube-proxy's chains, for example) are skipped; base
-    chains anywhere and anything not understood count.  The backstop sync covers whatever a filter could miss.
+    chains anywhere (``base_chains``: those of other tables seen last, by (table, chain); None: every chain
+    deletion counts) and anything not understood count.  The backstop sync covers whatever a filter could miss.
     """
     if tables is None or len(data) > _BURST or any(name in data for name in tables):
         # A burst (a flush of thousands of rules) wants a sync anyway, and parsing it message by
         # message would delay that sync by the parse time; a watched name anywhere is a quick yes.
         return True
-    return _scan(data, tables)[0]
+    return _scan(data, tables, base_chains)[0]
 
 
 def malformed(data: bytes) -> bool:
@@ -72,7 +76,8 @@ def malformed(data: bytes) -> bool:
     return _scan(data, frozenset())[1]
 
 
-def _scan(data: bytes, tables: frozenset[bytes]) -> tuple[bool, bool]:
+def _scan(data: bytes, tables: frozenset[bytes],
+          base_chains: frozenset[tuple[bytes, bytes]] | None = None) -> tuple[bool, bool]:
     """(relevant, malformed) for a chunk; a malformed chunk is always relevant: don't guess."""
     offset = 0
     hit = False
@@ -86,7 +91,8 @@ def _scan(data: bytes, tables: frozenset[bytes]) -> tuple[bool, bool]:
         if subsys == NFNL_SUBSYS_NFTABLES and msg != NFT_MSG_NEWGEN and not hit:
             attr = offset + _NLMSG_HDR.size + 4  # skip struct nfgenmsg
             if msg in _CHAIN:
-                hit = _chain_counts(data, attr, offset + length, tables)
+                hit = _chain_counts(data, attr, offset + length, tables, deletion=msg == NFT_MSG_DELCHAIN,
+                                    base_chains=base_chains)
             elif msg not in _PER_TABLE or attr + _NLA_HDR.size > offset + length:
                 hit = True
             else:
@@ -97,10 +103,12 @@ def _scan(data: bytes, tables: frozenset[bytes]) -> tuple[bool, bool]:
     return hit, False
 
 
-def _chain_counts(data: bytes, attr: int, end: int, tables: frozenset[bytes]) -> bool:
-    """A chain message counts when its table is watched or it describes a base chain (NFTA_CHAIN_HOOK); attributes
-    that do not add up count too (don't guess)."""
-    table = None
+def _chain_counts(data: bytes, attr: int, end: int, tables: frozenset[bytes], *, deletion: bool,
+                  base_chains: frozenset[tuple[bytes, bytes]] | None) -> bool:
+    """A chain message counts when its table is watched or it describes a base chain (NFTA_CHAIN_HOOK); a deletion
+    also when it names one of ``base_chains`` or when those are not known (None).  Attributes that do not add up
+    count too (don't guess)."""
+    table = name = None
     while attr + _NLA_HDR.size <= end:
         nla_len, nla_type = _NLA_HDR.unpack_from(data, attr)
         if nla_len < _NLA_HDR.size or attr + nla_len > end:
@@ -110,8 +118,12 @@ def _chain_counts(data: bytes, attr: int, end: int, tables: frozenset[bytes]) ->
             return True
         if kind == NFTA_TABLE:
             table = data[attr + _NLA_HDR.size : attr + nla_len].rstrip(b"\0")
+        elif kind == NFTA_CHAIN_NAME:
+            name = data[attr + _NLA_HDR.size : attr + nla_len].rstrip(b"\0")
         attr += (nla_len + 3) & ~3
-    return table is None or table in tables
+    if table is None or table in tables:
+        return True
+    return deletion and (base_chains is None or (table, name or b"") in base_chains)
 
 
 class NftablesNotifications:
@@ -125,12 +137,12 @@ class NftablesNotifications:
         self,
         request: Callable[[str], None],
         log: Logger,
-        tables: Callable[[], frozenset[bytes] | None] = lambda: None,
+        watch: Callable[[], Watch | None] = lambda: None,
         on_malformed: Callable[[], None] = lambda: None,
     ) -> None:
         self._request = request
         self._log = log
-        self._tables = tables
+        self._watch = watch
         self._on_malformed = on_malformed
         self._sock: socket.socket | None = self._open()  # fails here when the kernel has no notifications
 
@@ -175,8 +187,12 @@ class NftablesNotifications:
             self._on_malformed()
             self._log.debug("kernel.malformed", size=len(data))
             self._request("kernel.malformed")
-        elif relevant(data, self._tables()):
+        elif self._relevant(data):
             self._request("kernel.nftables")
+
+    def _relevant(self, data: bytes) -> bool:
+        watch = self._watch()
+        return relevant(data, None, None) if watch is None else relevant(data, watch.nf_tables, watch.base_chains)
 
     def _reopen(self, exc: OSError, stop: threading.Event) -> None:
         self._log.error("kernel.notifications_failed", error=str(exc), action="resubscribe")

@@ -34,7 +34,7 @@ def change_sources(
     """Workers by name: ``nft-notify`` (when available) and ``poll``."""
     workers: dict[str, Worker] = {}
     try:
-        notifications = NftablesNotifications(request, log, lambda: watch().nf_tables, on_malformed=on_malformed)
+        notifications = NftablesNotifications(request, log, watch, on_malformed=on_malformed)
     except OSError as exc:
         log.warning("kernel.notifications_unavailable", error=str(exc), fallback="poll")
     else:

@@ -256,7 +256,8 @@ def test_a_no_op_sync_logs_nothing_at_info(ns: Netns, tmp_path: Path, daemons: l
     mark = len(d.events())
     syncs = _metric(_scrape(ns, "/metrics")[1], "portguard_sync_duration_seconds_count")
     for i in range(5):
-        ns.nft(f"add table ip unrelated{i}")  # each one is an nf_tables notification, each one a sync request
+        # a base chain anywhere might run first: each one is a notification that requests a sync
+        ns.nft(f"add table ip unrelated{i}; add chain ip unrelated{i} c {{ type filter hook forward priority 0; }}")
     time.sleep(1.0)
     assert _metric(_scrape(ns, "/metrics")[1], "portguard_sync_duration_seconds_count") > syncs  # syncs did run
     assert d.events()[mark:] == []

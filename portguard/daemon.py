@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import faulthandler
 import gc
 import queue
 import signal
@@ -361,6 +362,9 @@ def run_daemon(
     cfg: Config, log: Logger, *, cleanup_on_exit: bool = False, reload_config: Callable[[], Config] | None = None
 ) -> int:
     limit_arenas()
+    # SIGUSR1: every thread's stack to stderr (the journal), from the C level, however busy or stuck the
+    # interpreter is; nothing else happens.  For a worker that seems to hang.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     runtime = RuntimeDir()
     runtime.lock()
     try:

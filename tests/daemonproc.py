@@ -106,6 +106,13 @@ class PortguardDaemon:
                 out.append({"event": "unparsed", "line": line})
         return out
 
+    def stacks(self) -> str:
+        """Every thread's stack, as SIGUSR1 makes the daemon write it (for an assertion's message)."""
+        seen = len(self.events())
+        self.proc.send_signal(signals.SIGUSR1)
+        time.sleep(0.5)
+        return "\n".join(e.get("line", "") for e in self.events()[seen:] if e.get("event") == "unparsed")
+
     def named(self, name: str) -> list[dict[str, Any]]:
         return [e for e in self.events() if e.get("event") == name]
 

@@ -48,12 +48,23 @@ def test_enforces_without_docker_and_repairs_every_fault(ns: Netns, tmp_path: Pa
         else:
             ns.nft("flush", "ruleset")
         assert wait_for(lambda: _healthy(ns, backend), timeout=5), (fault, d.log_path.read_text())
-    assert d.wait_event("docker.unavailable") and len(d.named("docker.unavailable")) == 1
+    assert d.wait_event("docker.unavailable"), d.stacks()
+    assert len(d.named("docker.unavailable")) == 1
     lines = owned_lines(ns, backend)
     assert len(lines) == len(set(lines)) == (NFT_RULES if backend == "nftables" else XT_V4_LINES)
     if backend == "nftables":
         assert [e for e in d.named("rule.installed") if "ipv4/tcp/host" in e["rules"]] != []  # the start
         assert [e for e in d.named("rule.repaired") if "ipv4/tcp/host" in e["rules"]] == []  # nothing since
+
+
+def test_sigusr1_writes_every_threads_stack_and_changes_nothing(ns: Netns, tmp_path: Path,
+                                                                daemons: list[PortguardDaemon]) -> None:
+    """SIGUSR1: the stacks of the main thread and of every supervised worker on stderr; the daemon goes on."""
+    d = _start(daemons, ns, tmp_path)
+    stacks = d.stacks()
+    assert stacks.count("Thread 0x") >= 6 and "supervisor.py" in stacks and "in _keep" in stacks, stacks
+    assert d.proc.poll() is None and _healthy(ns, "nftables")
+    assert [e for e in d.events() if e.get("level") in ("error", "critical")] == []
 
 
 def test_sigterm_exits_0_quickly_and_leaves_the_rules(ns: Netns, tmp_path: Path,

@@ -44,7 +44,7 @@ _PER_TABLE = frozenset({0, 2, 6, 8, 9, 11, 12, 14, 18, 20, 22, 24})
 # Chain messages (NEWCHAIN, DELCHAIN) count for a watched table, or when they carry NFTA_CHAIN_HOOK (4): a base
 # chain elsewhere, which can run before portguard's.  A regular chain of another table cannot: kube-proxy's
 # iptables mode (through iptables-nft) adds and removes a chain per endpoint all day long, and on a node with
-# 20,000 chains each sync lists them all (140 ms, nft 1.0.6).  Kernels since 6.3 leave the hook out of a
+# 20,000 chains each sync lists them all (140 ms, nft 1.0.6).  Kernel 6.18 (seen here) leaves the hook out of a
 # DELCHAIN notification (and send one for each chain of a deleted table): a deletion counts when the backend last
 # saw that chain as a base chain, since it may end a shadow; another chain's deletion takes nothing from portguard.
 NFT_MSG_NEWCHAIN, NFT_MSG_DELCHAIN = 3, 5

@@ -58,7 +58,7 @@ def test_regular_chains_of_other_tables_come_and_go_unnoticed() -> None:
 
 
 def test_deleting_a_base_chain_seen_last_counts_and_so_does_any_deletion_when_none_were_seen() -> None:
-    """Kernels >= 6.3 send DELCHAIN without the hook: the deletion of a chain the backend last saw as a base chain
+    """Kernel 6.18 sends DELCHAIN without the hook: the deletion of a chain the backend last saw as a base chain
     (it may have shadowed portguard's) counts by its name; where the backend does not say (None), every one does."""
     assert relevant(_msg(DELCHAIN, b"nat", _attr(3, b"POSTROUTING\0")), ONLY_OURS, BASE)
     assert not relevant(_msg(DELCHAIN, b"filter", _attr(3, b"POSTROUTING\0")), ONLY_OURS, BASE)

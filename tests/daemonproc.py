@@ -110,8 +110,12 @@ class PortguardDaemon:
         """Every thread's stack, as SIGUSR1 makes the daemon write it (for an assertion's message)."""
         seen = len(self.events())
         self.proc.send_signal(signals.SIGUSR1)
-        time.sleep(0.5)
-        return "\n".join(e.get("line", "") for e in self.events()[seen:] if e.get("event") == "unparsed")
+
+        def dump() -> str:
+            return "\n".join(e.get("line", "") for e in self.events()[seen:] if e.get("event") == "unparsed")
+
+        wait_for(lambda: "run_daemon" in dump(), 10)  # the main thread's stack: the dump is written in one go
+        return dump()
 
     def named(self, name: str) -> list[dict[str, Any]]:
         return [e for e in self.events() if e.get("event") == name]

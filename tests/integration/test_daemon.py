@@ -263,7 +263,8 @@ def test_a_no_op_sync_logs_nothing_at_info(ns: Netns, tmp_path: Path, daemons: l
     cfg = tmp_path / "pg.toml"
     cfg.write_text('[log]\nlevel = "info"\n')
     d = _start(daemons, ns, tmp_path, "--config", str(cfg), env={"PORTGUARD_LOG_LEVEL": "info"})
-    time.sleep(0.5)
+    # The start-up's last line comes from the Docker worker, whose first attempt may take a while on a busy host.
+    assert d.wait_event("docker.unavailable"), d.stacks()
     mark = len(d.events())
     syncs = _metric(_scrape(ns, "/metrics")[1], "portguard_sync_duration_seconds_count")
     for i in range(5):
